@@ -1,0 +1,276 @@
+"""Every job's typed config, in one place.
+
+A config is built once from defaults, an optional YAML file and flag overrides, validated
+before Ray starts (an unknown key or a bad value is a one-line ``UsageError`` naming the key),
+and saved with the run as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from clf.errors import UsageError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # ingest output (DST) holding train/ val/ [test/] shards and classes.json
+    batch_size: int = 32  # per worker
+    input_size: int | None = None  # None: the model's own default
+    norm: Literal["model", "imagenet", "dataset"] = "model"
+    # Fraction of a CPU that each Ray Data read task asks for; training workers hold the rest.
+    read_cpus: float = 0.25
+
+
+@dataclass
+class AugmentConfig:
+    scale_min: float = 0.08  # RandomResizedCrop lower area bound
+    hflip: float = 0.5
+    rotation: float = 0.0  # degrees
+    color_jitter: float = 0.0  # brightness, contrast and saturation strength
+    auto: Literal["none", "trivial", "randaugment"] = "none"
+    random_erasing: float = 0.0  # probability
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
+    cutmix: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilenet_v2"
+    pretrained: str | None = None  # path or URI of a state dict
+    strategy: Literal["frozen", "finetune", "two-phase"] = "finetune"
+    head_epochs: int = 1  # two-phase: epochs that train the head alone
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3  # for a global batch of batch_size * workers
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    finetune_lr_scale: float = 0.1  # two-phase: backbone lr = lr * this after unfreezing
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output: str = ""
+    epochs: int = 5
+    workers: int = 2
+    device: Device = "auto"
+    seed: int = 0
+    amp: bool = True  # used only on CUDA
+    channels_last: bool = True  # used only on CUDA
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def validate(self) -> TrainConfig:
+        _positive(self, "epochs", "workers", "keep_checkpoints", "data.batch_size")
+        _at_least(self, 0, "max_failures", "schedule.warmup_epochs", "model.head_epochs")
+        _fraction(self, "augment.hflip", "augment.random_erasing", "optim.label_smoothing")
+        _fraction(self, "augment.scale_min", "model.drop_rate")
+        if not 0 < self.optim.lr < 10:
+            raise UsageError(f"config key optim.lr: must be in (0, 10), got {self.optim.lr}")
+        if self.data.input_size is not None and self.data.input_size < 8:
+            raise UsageError("config key data.input_size: must be at least 8")
+        if not 0 < self.data.read_cpus <= 1:
+            raise UsageError("config key data.read_cpus: must be in (0, 1]")
+        if self.model.strategy == "two-phase" and self.model.head_epochs >= self.epochs:
+            raise UsageError(
+                f"config key model.head_epochs: two-phase needs head_epochs ({self.model.head_epochs})"
+                f" < epochs ({self.epochs})"
+            )
+        return self
+
+
+@dataclass
+class IngestConfig:
+    src: str = ""
+    dst: str = ""
+    val_fraction: float = 0.2  # used when the source has no val/ folder
+    test_fraction: float = 0.0  # used when the source has no test/ folder
+    seed: int = 0
+    shard_size: int = 1000  # images per Parquet shard
+    max_pixels: int = 100_000_000
+    overwrite: bool = False
+
+    def validate(self) -> IngestConfig:
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UsageError("--val-fraction plus --test-fraction must be below 1")
+        _positive(self, "shard_size", "max_pixels")
+        return self
+
+
+@dataclass
+class LabelConfig:
+    model: str = ""  # artifact folder or URI
+    input: str = ""  # folder/prefix of image files, or of Parquet image shards
+    output: str = ""  # folder/prefix for Parquet label rows
+    top_k: int = 5
+    batch_size: int = 64  # images per inference call
+    actors: int | None = None  # None: one per GPU, or a CPU-sized pool
+    gpus_per_actor: float = 1.0
+    device: Device = "auto"
+    skip_existing: bool = False
+    max_pixels: int = 100_000_000
+    decode_batch_size: int = 32  # images per CPU decode task
+
+    def validate(self) -> LabelConfig:
+        _positive(self, "top_k", "batch_size", "max_pixels", "decode_batch_size", "gpus_per_actor")
+        if self.actors is not None and self.actors < 1:
+            raise UsageError(f"--actors must be at least 1, got {self.actors}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and overriding configs
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from plain values, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise UsageError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise UsageError(f"unknown config key {prefix}{key}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (``{"optim.lr": 0.01}``) to a nested dict."""
+    merged = _deepcopy(base)
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"config key {dotted}: {part} is not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    from clf import storage
+
+    try:
+        values = yaml.safe_load(storage.read_bytes(path)) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping at the top level")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value parsed as YAML, so numbers and booleans keep their type."""
+    import yaml
+
+    if "=" not in text:
+        raise UsageError(f"--set {text}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"config key {key}: bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            allowed = "|".join(map(str, choices))
+            raise UsageError(f"config key {key}: must be one of {allowed}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"config key {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UsageError(f"config key {key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UsageError(f"config key {key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"config key {key}: expected a string, got {value!r}")
+    return value
+
+
+def _deepcopy(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _positive(config: Any, *keys: str) -> None:
+    for key in keys:
+        if _get(config, key) <= 0:
+            raise UsageError(f"config key {key}: must be positive, got {_get(config, key)}")
+
+
+def _at_least(config: Any, low: float, *keys: str) -> None:
+    for key in keys:
+        if _get(config, key) < low:
+            raise UsageError(f"config key {key}: must be >= {low}, got {_get(config, key)}")
+
+
+def _fraction(config: Any, *keys: str) -> None:
+    for key in keys:
+        if not 0 <= _get(config, key) <= 1:
+            raise UsageError(f"config key {key}: must be in [0, 1], got {_get(config, key)}")

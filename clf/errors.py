@@ -1,0 +1,17 @@
+"""Errors the library raises for the jobs to turn into one-line messages."""
+
+
+class ClfError(Exception):
+    """Base class: a problem the user can fix, reported as one line."""
+
+
+class UsageError(ClfError):
+    """A bad flag, config value or input path. Jobs exit with code 2."""
+
+
+class ModelLoadError(UsageError):
+    """Pretrained weights or an artifact that do not fit what was asked for."""
+
+
+class StorageError(ClfError):
+    """A permanent storage failure (missing object, access denied), naming the URI."""

@@ -1,0 +1,325 @@
+"""Label an archive: one Parquet row per input image, exactly once, errors included.
+
+Pipeline (Ray Data): list inputs on the driver -> read + decode + resize in CPU tasks ->
+predict in an actor pool that loads the artifact once per actor -> commit Parquet files.
+Each output file is written whole and renamed into place, named by a hash of the inputs it
+covers, so a job killed at any moment and re-run labels only what no committed file covers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clf import artifact, runtime, storage
+from clf.config import LabelConfig
+from clf.decode import DecodeError, decode_image
+from clf.errors import UsageError
+from clf.transforms import Preprocess, eval_transform, normalize
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("label_id", pa.int32()),
+        ("confidence", pa.float32()),
+        ("topk_labels", pa.list_(pa.string())),
+        ("topk_scores", pa.list_(pa.float32())),
+        ("model", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+JOB_FILE = "_job.json"
+
+
+@dataclass
+class Inputs:
+    kind: str  # "files" or "shards"
+    uris: list[str]  # every input, as it will appear in the uri column
+
+
+@dataclass
+class LabelSummary:
+    output: str
+    inputs: int
+    already_labelled: int
+    labelled: int
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    listing_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.labelled / self.seconds if self.seconds else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs and what is already done
+
+
+def list_inputs(uri: str) -> Inputs:
+    if not storage.exists(uri) and not storage.is_dir(uri):
+        raise UsageError(f"--input {uri}: no such file, folder or prefix")
+    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
+    files = [f for f in files if not f.endswith(("manifest.json", "classes.json"))]
+    if files and all(f.endswith(".parquet") for f in files):
+        uris = []
+        for shard in files:
+            fs, path = storage.resolve(shard)
+            keys = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
+            uris += [f"{shard}#{key}" for key in keys]
+        return Inputs("shards", uris)
+    return Inputs("files", files)
+
+
+def committed_files(output: str) -> list[str]:
+    return [f for f in storage.list_files(output, recursive=False) if f.endswith(".parquet")]
+
+
+def covered_uris(output: str) -> set[str]:
+    covered: set[str] = set()
+    for uri in committed_files(output):
+        fs, path = storage.resolve(uri)
+        covered.update(pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist())
+    return covered
+
+
+def read_rows(output: str) -> pa.Table:
+    tables = []
+    for uri in committed_files(output):
+        fs, path = storage.resolve(uri)
+        tables.append(pq.read_table(path, filesystem=fs, schema=LABEL_SCHEMA))
+    return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
+
+
+def _check_job(cfg: LabelConfig, model_id: str) -> None:
+    """The same command resumes; a different job writing into the same output must say so."""
+    job = {"input": storage.normalize(cfg.input), "model": model_id, "top_k": cfg.top_k}
+    uri = storage.join(cfg.output, JOB_FILE)
+    if storage.exists(uri):
+        previous = storage.read_json(uri)
+        if previous != job and not cfg.skip_existing:
+            raise UsageError(
+                f"--output {cfg.output} holds labels of another job ({previous}); "
+                "pass --skip-existing to add to it, or use a new --output"
+            )
+    storage.write_json(uri, job)
+
+
+# ------------------------------------------------------------------------------------------
+# Pipeline stages
+
+
+class DecodeStage:
+    """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
+
+    def __init__(self, preprocess: dict, max_pixels: int):
+        self.spec = Preprocess.from_meta(preprocess)
+        self.transform = eval_transform(self.spec)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size = self.spec.crop
+        pixels = np.zeros((len(batch["uri"]), 3, size, size), dtype=np.uint8)
+        errors = []
+        for i, uri in enumerate(batch["uri"]):
+            try:
+                data = batch["image"][i] if "image" in batch else storage.read_bytes(uri)
+                image = decode_image(data, min_size=self.spec.resize, max_pixels=self.max_pixels)
+                pixels[i] = self.transform(image).numpy()
+                errors.append("")
+            except DecodeError as e:
+                errors.append(str(e))
+            except storage.StorageError as e:
+                errors.append(f"unreadable: {e}")
+            except Exception as e:  # a bad row must never end the job
+                errors.append(f"decode failed: {type(e).__name__}")
+        return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
+class Predictor:
+    """Actor: loads the artifact once, then turns pixel batches into label rows."""
+
+    def __init__(self, model_uri: str, top_k: int, prefer_gpu: bool):
+        import torch
+
+        self.torch = torch
+        self.device = runtime.torch_device(prefer_gpu)
+        self.artifact = artifact.load(model_uri, self.device)
+        self.classes = np.array(self.artifact.classes, dtype=object)
+        self.top_k = min(top_k, len(self.classes))
+        self.spec = self.artifact.preprocess
+        self.cuda = self.device.type == "cuda"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        torch = self.torch
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        n = len(ok)
+        label_ids = np.zeros(n, dtype=np.int32)
+        scores = np.zeros((n, self.top_k), dtype=np.float32)
+        indices = np.zeros((n, self.top_k), dtype=np.int64)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            if self.cuda:
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            with torch.inference_mode(), torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16):
+                logits = self.artifact.module(normalize(pixels, self.spec)).float()
+            top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
+            scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            label_ids[ok] = indices[ok, 0]
+        rows = {
+            "uri": list(batch["uri"]),
+            "label": [self.classes[i] if good else None for i, good in zip(label_ids, ok)],
+            "label_id": [int(i) if good else None for i, good in zip(label_ids, ok)],
+            "confidence": [float(s[0]) if good else None for s, good in zip(scores, ok)],
+            "topk_labels": [list(self.classes[ix]) if good else None for ix, good in zip(indices, ok)],
+            "topk_scores": [s.tolist() if good else None for s, good in zip(scores, ok)],
+            "model": [self.artifact.model_id] * n,
+            "error": [None if good else e for e, good in zip(batch["error"], ok)],
+        }
+        return pa.table(rows, schema=LABEL_SCHEMA)
+
+
+def part_name(uris: Iterable[str]) -> str:
+    """Deterministic file name for the slice of inputs a file covers."""
+    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def _datasink(output: str):
+    from ray.data import Datasink
+
+    class AtomicParquetSink(Datasink):
+        """Ray's write_parquet writes in place, so a kill leaves a truncated file; we commit
+        each block whole (temp file + rename locally, a single PUT on S3)."""
+
+        def write(self, blocks, ctx) -> list[tuple[str, int]]:
+            written = []
+            for block in blocks:
+                table = pa.table(block) if not isinstance(block, pa.Table) else block
+                if table.num_rows == 0:
+                    continue
+                table = table.cast(LABEL_SCHEMA)
+                sink = io.BytesIO()
+                pq.write_table(table, sink)
+                name = part_name(table.column("uri").to_pylist())
+                storage.write_bytes(storage.join(output, name), sink.getvalue())
+                written.append((name, table.num_rows))
+            return written
+
+    return AtomicParquetSink()
+
+
+# ------------------------------------------------------------------------------------------
+# The job
+
+
+def check(cfg: LabelConfig) -> dict[str, Any]:
+    """Flag checks before Ray starts; returns the artifact's meta."""
+    cfg.validate()
+    if not cfg.output:
+        raise UsageError("--output is required")
+    meta = artifact.read_meta(cfg.model)
+    if not storage.exists(cfg.input):
+        raise UsageError(f"--input {cfg.input}: no such file, folder or prefix")
+    return meta
+
+
+def pool_size(cfg: LabelConfig, gpu: bool) -> int:
+    if cfg.actors:
+        return cfg.actors
+    if gpu:
+        return max(1, int(runtime.cluster_gpus() / cfg.gpus_per_actor))
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 4)
+
+
+def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSummary:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    started = time.monotonic()
+    meta = check(cfg)
+    model_id = meta["sha256"][:12]
+    _check_job(cfg, model_id)
+    inputs = list_inputs(cfg.input)
+    covered = covered_uris(cfg.output)
+    todo = [u for u in inputs.uris if u not in covered]
+    listing_seconds = time.monotonic() - started
+    progress(
+        f"[label] {len(inputs.uris)} inputs ({inputs.kind}) listed in {listing_seconds:.1f}s; "
+        f"{len(inputs.uris) - len(todo)} already labelled, {len(todo)} to go"
+    )
+    summary = LabelSummary(
+        storage.normalize(cfg.output), len(inputs.uris), len(inputs.uris) - len(todo), 0,
+        listing_seconds=listing_seconds,
+    )
+    if todo:
+        gpu = runtime.use_gpu(cfg.device)
+        actors = pool_size(cfg, gpu)
+        if inputs.kind == "files":
+            ds = ray.data.from_items([{"uri": u} for u in todo])
+        else:
+            ds = _shard_rows(inputs, set(todo))
+        ds = ds.map_batches(
+            DecodeStage,
+            fn_constructor_kwargs={"preprocess": meta_preprocess(meta), "max_pixels": cfg.max_pixels},
+            batch_size=cfg.decode_batch_size,
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(),
+        ).map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=cfg.gpus_per_actor if gpu else 0,
+            num_cpus=1 if not gpu else None,
+        )
+        progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}")
+        run_started = time.monotonic()
+        ds.write_datasink(_datasink(cfg.output))
+        summary.seconds = time.monotonic() - run_started
+    rows = read_rows(cfg.output)
+    done = {u for u in rows.column("uri").to_pylist()}
+    summary.labelled = len(done & set(todo))
+    errors = rows.filter(pa.compute.is_valid(rows.column("error"))).column("error").to_pylist()
+    summary.errors = dict(Counter(errors).most_common())
+    summary.seconds = summary.seconds or 0.0
+    missing = len(set(inputs.uris) - done)
+    if missing:
+        raise RuntimeError(f"{missing} inputs have no label row after the run; re-run to finish")
+    return summary
+
+
+def meta_preprocess(meta: dict) -> dict:
+    return Preprocess.from_meta(meta).to_meta()
+
+
+def _shard_rows(inputs: Inputs, todo: set[str]):
+    import ray
+
+    shards = sorted({u.split("#", 1)[0] for u in todo})
+    fs, _ = storage.resolve(shards[0])
+    paths = [storage.resolve(s)[1] for s in shards]
+    prefix = "s3://" if shards[0].startswith("s3://") else ""
+    todo_ref = ray.put(todo)
+
+    def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        wanted = ray.get(todo_ref)
+        uris = np.array([f"{prefix}{p}#{k}" for p, k in zip(batch["path"], batch["key"])], dtype=object)
+        keep = np.array([u in wanted for u in uris], dtype=bool)
+        return {"uri": uris[keep], "image": batch["image"][keep]}
+
+    return ray.data.read_parquet(paths, filesystem=fs, columns=["key", "image"], include_paths=True).map_batches(
+        to_rows, batch_size=256
+    )

@@ -1,0 +1,65 @@
+"""Joining or starting Ray, and choosing the device.
+
+``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` or a running ``ray start --head``,
+and starts an embedded one otherwise. Object-storage settings in the driver's environment
+travel to every worker through ``runtime_env``, so workers see the same endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from clf.errors import UsageError
+
+FORWARDED_ENV_PREFIXES = ("AWS_",)
+FORWARDED_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV
+    }
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(
+        num_cpus=None if joining else num_cpus,
+        runtime_env={"env_vars": forwarded_env()},
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        configure_logging=True,
+    )
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def use_gpu(device: str) -> bool:
+    """``auto``: GPUs when the cluster has them; ``cuda`` insists; ``cpu`` never."""
+    if device == "cpu":
+        return False
+    gpus = cluster_gpus()
+    if device == "cuda" and gpus == 0:
+        raise UsageError("--device cuda: the Ray cluster has no GPUs")
+    return gpus > 0
+
+
+def torch_device(prefer_gpu: bool = True):
+    """The device for this process: CUDA when asked for and present, else CPU (clean fallback)."""
+    import torch
+
+    return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")

@@ -1,0 +1,54 @@
+"""``metrics.jsonl`` (one line per epoch) and ``curves.png``."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from clf import storage
+
+
+def read(run: str) -> list[dict[str, Any]]:
+    uri = storage.join(run, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def append(run: str, row: dict[str, Any]) -> None:
+    # Object stores cannot append, and the file is a few kB, so it is rewritten whole.
+    rows = read(run) + [row]
+    storage.write_bytes(
+        storage.join(run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
+
+
+def plot_curves(run: str) -> str | None:
+    rows = read(run)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latest = {r["epoch"]: r for r in rows}  # a resumed epoch supersedes its earlier attempt
+    epochs = sorted(latest)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        loss_ax.plot(epochs, [latest[e][key] for e in epochs], marker="o", label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        acc_ax.plot(epochs, [latest[e][key] for e in epochs], marker="o", label=label)
+    loss_ax.set(title="loss", xlabel="epoch")
+    acc_ax.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    uri = storage.join(run, "curves.png")
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri

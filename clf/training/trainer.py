@@ -1,0 +1,191 @@
+"""Driver side of training: resolve the run, launch Ray Train, export the best epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from clf import artifact, models, runtime, storage
+from clf.config import TrainConfig, to_dict
+from clf.errors import UsageError
+from clf.ingest import read_classes
+from clf.training import checkpoint, metrics
+from clf.transforms import Preprocess
+
+
+@dataclass
+class TrainSummary:
+    run: str
+    epochs_run: int
+    best_epoch: int
+    best_val_acc: float
+    model: str
+    seconds: float
+    history: list[dict[str, Any]]
+
+
+def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
+    spec = models.default_preprocess(cfg.model.name)
+    if cfg.data.input_size:
+        spec = spec.with_size(cfg.data.input_size)
+    if cfg.data.norm == "imagenet":
+        spec = Preprocess(spec.input_size, spec.resize, spec.interpolation)
+    elif cfg.data.norm == "dataset":
+        raise UsageError("config key data.norm: 'dataset' is not supported yet; use model or imagenet")
+    return spec
+
+
+def check(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
+    """Everything that can be checked before Ray starts. Returns the classes and the manifest."""
+    cfg.validate()
+    models.check_model_name(cfg.model.name)
+    if not cfg.output:
+        raise UsageError("--output is required")
+    if not cfg.data.path or not storage.exists(storage.join(cfg.data.path, "manifest.json")):
+        raise UsageError(f"--data {cfg.data.path}: not a jobs.ingest output (no manifest.json)")
+    manifest = storage.read_json(storage.join(cfg.data.path, "manifest.json"))
+    for split in ("train", "val"):
+        if not manifest["counts"].get(split):
+            raise UsageError(f"--data {cfg.data.path}: the {split} split is empty")
+    if cfg.model.pretrained and not storage.exists(cfg.model.pretrained):
+        raise UsageError(f"--pretrained {cfg.model.pretrained}: not found")
+    return read_classes(cfg.data.path), manifest
+
+
+def _storage_args(run: str) -> dict[str, Any]:
+    run = storage.normalize(run)
+    parent, name = posixpath.split(run) if run.startswith("s3://") else os.path.split(run)
+    if run.startswith("s3://"):
+        fs, path = storage.resolve(parent)
+        return {"storage_path": path, "storage_filesystem": fs, "name": name}
+    return {"storage_path": parent, "name": name}
+
+
+def cpus_per_worker(workers: int) -> float:
+    """Leave at least one CPU of the cluster to Ray Data's read tasks, or training never starts."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1))
+    return max(0.25, min(1.0, (total - 1) / workers))
+
+
+def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSummary:
+    """Train ``cfg`` with Ray Train (DDP). Re-running with the same ``cfg.output`` resumes."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = time.monotonic()
+    classes, manifest = check(cfg)
+    run = storage.normalize(cfg.output)
+    spec = resolve_preprocess(cfg)
+    _guard_config(run, cfg)
+    storage.write_json(
+        storage.join(run, "config.json"),
+        {**to_dict(cfg), "classes": classes, "preprocess": spec.to_meta()},
+    )
+    n_train = sum(manifest["counts"]["train"].values())
+    global_batch = cfg.data.batch_size * cfg.workers
+    steps_per_epoch = max(1, n_train // global_batch)
+    gpu = runtime.use_gpu(cfg.device)
+    from clf.training.data import read_split
+    from clf.training.loop import train_loop_per_worker
+
+    datasets = {
+        "train": read_split(cfg.data.path, "train", cfg.data.read_cpus).randomize_block_order(seed=cfg.seed),
+        "val": read_split(cfg.data.path, "val", cfg.data.read_cpus),
+    }
+    progress(
+        f"[train] {cfg.model.name} on {n_train} images, {len(classes)} classes, {cfg.workers} workers "
+        f"({'GPU' if gpu else 'CPU'}), {cfg.epochs} epochs, strategy {cfg.model.strategy}"
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": to_dict(cfg),
+            "classes": classes,
+            "preprocess": spec.to_meta(),
+            "run": run,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=gpu,
+            resources_per_worker=None if gpu else {"CPU": cpus_per_worker(cfg.workers)},
+            placement_strategy="SPREAD",
+        ),
+        run_config=ray.train.RunConfig(
+            **_storage_args(run),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="val_acc",
+                checkpoint_score_order="max",
+            ),
+            worker_runtime_env={"env_vars": runtime.forwarded_env()},
+        ),
+        datasets=datasets,
+    )
+    trainer.fit()
+
+    history = metrics.read(run)
+    metrics.plot_curves(run)
+    folder, best = checkpoint.best_in_run(run)
+    model_uri = export_run(run, folder)
+    return TrainSummary(
+        run=run,
+        epochs_run=len(history),
+        best_epoch=best["epoch"],
+        best_val_acc=best["val_acc"],
+        model=model_uri,
+        seconds=time.monotonic() - started,
+        history=history,
+    )
+
+
+def _guard_config(run: str, cfg: TrainConfig) -> None:
+    """Resuming with another model or data would mix two runs: refuse it."""
+    uri = storage.join(run, "config.json")
+    if not storage.exists(uri):
+        return
+    previous = storage.read_json(uri)
+    for section, key in (("model", "name"), ("data", "path")):
+        if previous.get(section, {}).get(key) != getattr(getattr(cfg, section), key):
+            raise UsageError(
+                f"--output {run} holds a run with {section}.{key}={previous[section][key]!r}; "
+                "use a new --output"
+            )
+
+
+def export_run(run: str, folder: str | None = None, output: str | None = None, formats=("torchscript",)) -> str:
+    """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``)."""
+    config_uri = storage.join(run, "config.json")
+    if not storage.exists(config_uri):
+        raise UsageError(f"--run {run}: not a training run (no config.json)")
+    resolved = storage.read_json(config_uri)
+    if folder is None:
+        try:
+            folder, _ = checkpoint.best_in_run(run)
+        except FileNotFoundError:
+            raise UsageError(f"--run {run}: no checkpoint yet") from None
+    state = checkpoint.load_state_uri(folder)
+    classes = resolved["classes"]
+    model = models.create_model(resolved["model"]["name"], len(classes))
+    model.load_state_dict(state["model"])
+    epoch_metrics = {r["epoch"]: r for r in metrics.read(run)}.get(state["epoch"], {})
+    output = output or storage.join(run, "model")
+    artifact.export(
+        model,
+        output,
+        arch=resolved["model"]["name"],
+        classes=classes,
+        preprocess=Preprocess.from_meta(resolved["preprocess"]),
+        formats=tuple(formats),
+        source_run=run,
+        metrics={k: epoch_metrics[k] for k in ("epoch", "val_acc", "val_loss") if k in epoch_metrics},
+    )
+    return output
