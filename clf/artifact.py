@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ from clf.transforms import Preprocess
 FORMATS = ("torchscript",)
 MODEL_FILES = {"torchscript": "model.ts"}
 PARITY_ATOL = 1e-4
+
+# TorchScript is deprecated upstream but remains the contract's pickle-free, class-free format.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
 
 
 @dataclass

@@ -203,7 +203,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UsageError(f"--set {text}: expected KEY=VALUE")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string; learning rates are written that way
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

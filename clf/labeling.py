@@ -119,31 +119,25 @@ def _check_job(cfg: LabelConfig, model_id: str) -> None:
 # Pipeline stages
 
 
-class DecodeStage:
+def decode_batch(batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int) -> dict[str, np.ndarray]:
     """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
-
-    def __init__(self, preprocess: dict, max_pixels: int):
-        self.spec = Preprocess.from_meta(preprocess)
-        self.transform = eval_transform(self.spec)
-        self.max_pixels = max_pixels
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        size = self.spec.crop
-        pixels = np.zeros((len(batch["uri"]), 3, size, size), dtype=np.uint8)
-        errors = []
-        for i, uri in enumerate(batch["uri"]):
-            try:
-                data = batch["image"][i] if "image" in batch else storage.read_bytes(uri)
-                image = decode_image(data, min_size=self.spec.resize, max_pixels=self.max_pixels)
-                pixels[i] = self.transform(image).numpy()
-                errors.append("")
-            except DecodeError as e:
-                errors.append(str(e))
-            except storage.StorageError as e:
-                errors.append(f"unreadable: {e}")
-            except Exception as e:  # a bad row must never end the job
-                errors.append(f"decode failed: {type(e).__name__}")
-        return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+    spec = Preprocess.from_meta(preprocess)
+    transform = eval_transform(spec)
+    pixels = np.zeros((len(batch["uri"]), 3, spec.crop, spec.crop), dtype=np.uint8)
+    errors = []
+    for i, uri in enumerate(batch["uri"]):
+        try:
+            data = batch["image"][i] if "image" in batch else storage.read_bytes(uri)
+            image = decode_image(data, min_size=spec.resize, max_pixels=max_pixels)
+            pixels[i] = transform(image).numpy()
+            errors.append("")
+        except DecodeError as e:
+            errors.append(str(e))
+        except storage.StorageError as e:
+            errors.append(f"unreadable: {e}")
+        except Exception as e:  # a bad row must never end the job
+            errors.append(f"decode failed: {type(e).__name__}")
+    return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
 class Predictor:
@@ -272,11 +266,13 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         else:
             ds = _shard_rows(inputs, set(todo))
         ds = ds.map_batches(
-            DecodeStage,
-            fn_constructor_kwargs={"preprocess": meta_preprocess(meta), "max_pixels": cfg.max_pixels},
+            decode_batch,
+            fn_kwargs={"preprocess": meta_preprocess(meta), "max_pixels": cfg.max_pixels},
             batch_size=cfg.decode_batch_size,
             num_cpus=1,
-            compute=ray.data.TaskPoolStrategy(),
+            # Retry a decode task whose worker died. Differing remote args also keep Ray from
+            # fusing decode into the predictor actors, so the model never waits on JPEG decode.
+            max_retries=3,
         ).map_batches(
             Predictor,
             fn_constructor_kwargs={"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},

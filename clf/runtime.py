@@ -29,13 +29,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    joining = bool(os.environ.get("RAY_ADDRESS"))
-    ray.init(
-        num_cpus=None if joining else num_cpus,
-        runtime_env={"env_vars": forwarded_env()},
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        configure_logging=True,
-    )
+    common = {
+        "runtime_env": {"env_vars": forwarded_env()},
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+    }
+    try:  # RAY_ADDRESS, or a `ray start --head` on this machine
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), **common)
+    except ConnectionError:
+        # None running: an embedded Ray. It serves this machine only, so it listens on loopback.
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **common)
     if quiet:
         from ray.data import DataContext
 

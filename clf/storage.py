@@ -37,14 +37,26 @@ def normalize(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-@lru_cache(maxsize=None)
 def _s3() -> pafs.S3FileSystem:
-    # Arrow reads AWS_ENDPOINT_URL and the credential chain itself; we only add patient retries
-    # so that throttling (503 SlowDown) and dropped connections do not fail a job.
+    return _s3_for(os.environ.get("AWS_ENDPOINT_URL"))
+
+
+@lru_cache(maxsize=None)
+def _s3_for(endpoint: str | None) -> pafs.S3FileSystem:
+    # Arrow's S3FileSystem reads the credential chain but not AWS_ENDPOINT_URL, so we pass the
+    # standard variable on; patient retries ride out throttling (503 SlowDown) and resets.
+    options = {}
+    if endpoint:
+        options = {
+            "endpoint_override": endpoint,
+            "scheme": "https" if endpoint.startswith("https") else "http",
+            "force_virtual_addressing": False,
+        }
     return pafs.S3FileSystem(
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
         connect_timeout=10,
         request_timeout=60,
+        **options,
     )
 
 

@@ -1,0 +1,76 @@
+"""What every job shares: one-line errors with exit code 2, and the human or JSON summary.
+
+The library raises; only this module (called from ``jobs/``) turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from clf.errors import ClfError, UsageError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser(prog: str, description: str) -> ArgumentParser:
+    p = ArgumentParser(prog=f"python -m jobs.{prog}", description=description)
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of the summary")
+    return p
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def run(prog: str, main: Callable[[], dict[str, Any] | None]) -> NoReturn:
+    """Run a job's ``main``; a ``ClfError`` becomes one line on stderr (exit 2 for usage)."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"jobs.{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ClfError as e:
+        print(f"jobs.{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"jobs.{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)
+
+
+def emit(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str), flush=True)
+    else:
+        print("\n".join(lines), flush=True)
+
+
+def progress(as_json: bool) -> Callable[[str], None]:
+    """Progress goes to stderr under --json, so stdout holds exactly one JSON line."""
+    stream = sys.stderr if as_json else sys.stdout
+    return lambda message: print(message, file=stream, flush=True)

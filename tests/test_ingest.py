@@ -1,0 +1,75 @@
+"""Ingest: deterministic stratified splits from the listing, original bytes, rejects with reasons."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import HYMENOPTERA
+
+from clf.config import IngestConfig
+from clf.errors import UsageError
+from clf.ingest import ingest, plan
+
+
+@pytest.fixture(scope="module")
+def flat_tree(tmp_path_factory):
+    """hymenoptera's two classes without its train/val split, plus two bad files."""
+    root = tmp_path_factory.mktemp("flat")
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (root / cls).mkdir(exist_ok=True)
+            for f in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:30]:
+                (root / cls / f"{split}-{f.name}").write_bytes(f.read_bytes())
+    (root / "ants" / "empty.jpg").write_bytes(b"")
+    (root / "bees" / "notes.jpg").write_text("not an image")
+    return root
+
+
+def test_split_is_stratified_and_deterministic(flat_tree):
+    cfg = IngestConfig(src=str(flat_tree), dst="unused", val_fraction=0.25, test_fraction=0.25)
+    _, first, _ = plan(cfg)
+    _, again, _ = plan(cfg)
+    assert first == again
+    for split in ("val", "test"):
+        names = [i.label_name for i in first[split]]
+        assert abs(names.count("ants") - names.count("bees")) <= 1
+    keys = [i.key for split in first.values() for i in split]
+    assert len(keys) == len(set(keys)) == 122  # 120 photos + 2 bad files
+
+
+def test_another_seed_gives_another_split(flat_tree):
+    a = plan(IngestConfig(src=str(flat_tree), dst="x", seed=0))[1]["val"]
+    b = plan(IngestConfig(src=str(flat_tree), dst="x", seed=1))[1]["val"]
+    assert {i.key for i in a} != {i.key for i in b}
+
+
+def test_presplit_tree_keeps_its_split_and_rejects_the_gif(tmp_path):
+    summary = ingest(IngestConfig(src=str(HYMENOPTERA), dst=str(tmp_path)))
+    assert summary.counts == {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["rejected"] == [
+        {"key": "train/ants/imageNotFound.gif", "reason": "blank or placeholder image (94% one colour)"}
+    ]
+    assert json.loads((tmp_path / "classes.json").read_text()) == ["ants", "bees"]
+    table = pq.read_table(tmp_path / "val" / "shard-00000.parquet")
+    assert table.schema.names == ["key", "image", "label", "label_name"]
+    key = table.column("key")[0].as_py()
+    assert table.column("image")[0].as_py() == (HYMENOPTERA / key).read_bytes()  # never re-encoded
+
+
+def test_bad_files_are_listed_as_rejected(flat_tree, tmp_path):
+    summary = ingest(IngestConfig(src=str(flat_tree), dst=str(tmp_path), shard_size=16))
+    assert {r["key"]: r["reason"] for r in summary.rejected} == {
+        "ants/empty.jpg": "empty file",
+        "bees/notes.jpg": "not an image",
+    }
+    assert summary.images == 120
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    written = sum(pq.read_metadata(f).num_rows for f in tmp_path.glob("*/*.parquet"))
+    assert written == 120
+    assert manifest["shards"]["train"] == len(list((tmp_path / "train").glob("*.parquet"))) > 1
+
+
+def test_missing_source_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no such folder"):
+        ingest(IngestConfig(src=str(tmp_path / "nope"), dst=str(tmp_path / "out")))

@@ -1,0 +1,110 @@
+"""The product path, as users run it: jobs as subprocesses on a real local Ray, on real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT
+
+from clf.labeling import LABEL_SCHEMA, read_rows
+
+pytestmark = pytest.mark.slow
+
+
+def job(*args: str, timeout: int = 900) -> dict:
+    """Run ``python -m jobs.X ... --json``; returns its one JSON line."""
+    done = subprocess.run(
+        [sys.executable, "-m", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def true_imagenet_index(uri: str, wnids: list[str]) -> int:
+    return wnids.index(os.path.basename(uri).split("_", 1)[0])
+
+
+def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobilenet_weights):
+    art, out = str(tmp_path / "art"), str(tmp_path / "labels")
+    job("jobs.export", "--model", "mobilenet_v2", "--pretrained", mobilenet_weights, "--classes", "imagenet", "--output", art)
+    summary = job("jobs.label", "--model", art, "--input", str(IMAGENET_SAMPLES), "--output", out)
+
+    rows = read_rows(out)
+    assert summary["labelled"] == rows.num_rows == 1000
+    assert rows.schema == LABEL_SCHEMA
+    for f in os.listdir(out):
+        if f.endswith(".parquet"):
+            assert pq.read_schema(os.path.join(out, f)) == LABEL_SCHEMA
+    uris = rows.column("uri").to_pylist()
+    assert len(set(uris)) == 1000
+    wnids = sorted(name.split("_", 1)[0] for name in os.listdir(IMAGENET_SAMPLES))
+    correct = sum(true_imagenet_index(u, wnids) == i for u, i in zip(uris, rows.column("label_id").to_pylist()))
+    print(f"ImageNet samples top-1: {correct / 1000:.3f}")
+    assert correct / 1000 >= 0.80
+
+
+@pytest.fixture(scope="module")
+def hymenoptera_run(tmp_path_factory, mobilenet_weights):
+    root = tmp_path_factory.mktemp("hymenoptera")
+    data, run = str(root / "data"), str(root / "run")
+    ingest = job("jobs.ingest", "--src", str(HYMENOPTERA), "--dst", data)
+    trained = job(
+        "jobs.train", "--data", data, "--model", "mobilenet_v2", "--pretrained", mobilenet_weights,
+        "--output", run, "--workers", "2", "--epochs", "3", "--batch-size", "16", "--lr", "0.003",
+        "--strategy", "two-phase", "--head-epochs", "2", "--set", "augment.scale_min=0.25",
+    )
+    return {"root": root, "data": data, "run": run, "ingest": ingest, "train": trained}
+
+
+def test_ingest_lists_the_placeholder_gif_as_rejected(hymenoptera_run):
+    manifest = json.loads(open(os.path.join(hymenoptera_run["data"], "manifest.json")).read())
+    assert manifest["rejected"][0]["key"] == "train/ants/imageNotFound.gif"
+    assert "placeholder" in manifest["rejected"][0]["reason"]
+    assert manifest["counts"]["val"] == {"ants": 70, "bees": 83}
+
+
+def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
+    run, trained = hymenoptera_run["run"], hymenoptera_run["train"]
+    print(f"hymenoptera best val accuracy: {trained['best_val_acc']:.3f}")
+    assert trained["best_val_acc"] >= 0.90
+    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    for line in lines:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"} <= set(line)
+    for name in ("curves.png", "config.json", "model/meta.json", "model/model.ts"):
+        assert os.path.exists(os.path.join(run, name)), name
+    meta = json.load(open(os.path.join(run, "model", "meta.json")))
+    assert meta["classes"] == ["ants", "bees"] and meta["source_run"] == run
+
+
+def test_bad_inputs_get_one_error_row_each_and_rerun_adds_nothing(hymenoptera_run, bad_files_dir):
+    model, out = os.path.join(hymenoptera_run["run"], "model"), str(hymenoptera_run["root"] / "bad-labels")
+    summary = job("jobs.label", "--model", model, "--input", str(bad_files_dir), "--output", out)
+    rows = {os.path.basename(r["uri"]): r for r in read_rows(out).to_pylist()}
+    assert set(rows) == set(os.listdir(bad_files_dir))
+    for bad in ("empty.jpg", "truncated.jpg", "notes.jpg", "imageNotFound.gif"):
+        assert rows[bad]["error"] and rows[bad]["label"] is None, bad
+    assert sum(r["error"] is None for r in rows.values()) == 6
+    assert sum(summary["errors"].values()) == 4
+
+    again = job("jobs.label", "--model", model, "--input", str(bad_files_dir), "--output", out)
+    assert again["already_labelled"] == 10 and again["labelled"] == 0
+    assert read_rows(out).num_rows == 10
+
+
+def test_export_from_run_and_predict_top5(hymenoptera_run):
+    art = str(hymenoptera_run["root"] / "exported")
+    exported = job("jobs.export", "--run", hymenoptera_run["run"], "--output", art)
+    assert exported["parity"] < 1e-4
+    bee = str(HYMENOPTERA / "val" / "bees" / sorted(os.listdir(HYMENOPTERA / "val" / "bees"))[0])
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.predict", "--model", art, bee], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == bee
+    assert "1. bees" in done.stdout  # only two classes, so the top-k stops at 2
