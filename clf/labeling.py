@@ -270,9 +270,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             fn_kwargs={"preprocess": meta_preprocess(meta), "max_pixels": cfg.max_pixels},
             batch_size=cfg.decode_batch_size,
             num_cpus=1,
-            # Retry a decode task whose worker died. Differing remote args also keep Ray from
+            # Retry a decode task whose worker died. Per-task remote args also keep Ray from
             # fusing decode into the predictor actors, so the model never waits on JPEG decode.
-            max_retries=3,
+            ray_remote_args_fn=_decode_task_args,
         ).map_batches(
             Predictor,
             fn_constructor_kwargs={"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},
@@ -295,6 +295,10 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
     if missing:
         raise RuntimeError(f"{missing} inputs have no label row after the run; re-run to finish")
     return summary
+
+
+def _decode_task_args() -> dict:
+    return {"max_retries": 3}
 
 
 def meta_preprocess(meta: dict) -> dict:

@@ -32,6 +32,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     common = {
         "runtime_env": {"env_vars": forwarded_env()},
         "logging_level": logging.WARNING if quiet else logging.INFO,
+        # Workers too: Ray Train and Ray Data log every report and plan at INFO.
+        "logging_config": ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
     }
     try:  # RAY_ADDRESS, or a `ray start --head` on this machine
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), **common)
@@ -41,6 +43,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     if quiet:
         from ray.data import DataContext
 
+        for name in ("ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         DataContext.get_current().enable_progress_bars = False
 
 

@@ -53,7 +53,7 @@ def write_photos(root: str) -> None:
     from sklearn.datasets import load_sample_images
 
     os.makedirs(root, exist_ok=True)
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "cat"):
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(f"{root}/{name}.jpg", quality=92)
     samples = load_sample_images()
     for name, pixels in zip(samples.filenames, samples.images):
@@ -74,10 +74,12 @@ def main() -> None:
 
     step("ingest", "jobs.ingest", "--src", digits, "--dst", f"{OUT}/digits")
     trained = step(
-        "train: pretrained MobileNetV2, two-phase fine-tune, 2 Ray Train workers",
+        "train: fine-tune the pretrained MobileNetV2 with 2 Ray Train workers",
         "jobs.train", "--data", f"{OUT}/digits", "--model", "mobilenet_v2", "--pretrained", weights,
         "--output", f"{OUT}/run", "--workers", "2", "--epochs", "3", "--batch-size", "32",
-        "--input-size", "64", "--strategy", "two-phase", "--head-epochs", "1", "--lr", "0.003",
+        "--input-size", "64", "--lr", "0.002",
+        # A mirrored digit is another digit, and a small crop loses it: keep flips off, crops large.
+        "--set", "augment.hflip=0", "--set", "augment.scale_min=0.5",
     )
     step(
         "export: ImageNet MobileNetV2 straight from pretrained weights",
