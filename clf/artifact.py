@@ -64,14 +64,20 @@ def export(
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     model = model.eval().cpu().to(memory_format=torch.contiguous_format)
-    example = sample if sample is not None else torch.randn(4, 3, preprocess.input_size, preprocess.input_size)
+    example = (
+        sample
+        if sample is not None
+        else torch.randn(4, 3, preprocess.input_size, preprocess.input_size)
+    )
     with torch.no_grad():
         traced = torch.jit.trace(model, example[:1], check_trace=False)
         traced = torch.jit.freeze(traced)
         expected, got = model(example), traced(example)
     diff = float((expected - got).abs().max())
     if diff > PARITY_ATOL or not torch.equal(expected.argmax(1), got.argmax(1)):
-        raise ModelLoadError(f"torchscript export disagrees with eager (max |logit diff| {diff:.2e})")
+        raise ModelLoadError(
+            f"torchscript export disagrees with eager (max |logit diff| {diff:.2e})"
+        )
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     blob = buffer.getvalue()

@@ -42,5 +42,7 @@ def from_pretrained(
         preprocess=models.default_preprocess(name, model),
         formats=tuple(formats),
         source_run=None,
-        metrics={"pretrained": storage.normalize(pretrained) if "://" not in pretrained else pretrained},
+        metrics={
+            "pretrained": storage.normalize(pretrained) if "://" not in pretrained else pretrained
+        },
     )

@@ -90,7 +90,9 @@ def plan(cfg: IngestConfig) -> tuple[list[str], dict[str, list[Item]], list[dict
     keys = [k for k in keys if not posixpath.basename(k).startswith(".")]
     presplit = _layout(keys)
     depth = 3 if presplit else 2
-    rejected = [{"key": k, "reason": "not inside a class folder"} for k in keys if k.count("/") + 1 != depth]
+    rejected = [
+        {"key": k, "reason": "not inside a class folder"} for k in keys if k.count("/") + 1 != depth
+    ]
     keys = [k for k in keys if k.count("/") + 1 == depth]
     class_of = {k: k.split("/")[-2] for k in keys}
     source = [k for k in keys if k.startswith("train/")] if presplit else keys
@@ -126,7 +128,9 @@ def plan(cfg: IngestConfig) -> tuple[list[str], dict[str, list[Item]], list[dict
     items = {
         split: [
             Item(k, index[class_of[k]], class_of[k])
-            for k in sorted(splits[split], key=lambda k: _rank(k, cfg.seed))  # mixed classes per shard
+            for k in sorted(
+                splits[split], key=lambda k: _rank(k, cfg.seed)
+            )  # mixed classes per shard
         ]
         for split in SPLITS
         if splits.get(split)
@@ -204,7 +208,9 @@ def ingest(
             raise UsageError(f"--dst {cfg.dst} already holds an ingest of {previous.get('source')}")
     classes, items, rejected = plan(cfg)
     plans = shard_plans(cfg, items)
-    progress(f"ingest: {sum(map(len, items.values()))} files in {len(classes)} classes -> {len(plans)} shards")
+    progress(
+        f"ingest: {sum(map(len, items.values()))} files in {len(classes)} classes -> {len(plans)} shards"
+    )
     counts: dict[str, Counter] = {split: Counter() for split in items}
     done = 0
     for result in (run_shards or (lambda ps: map(write_shard, ps)))(plans):
@@ -234,7 +240,10 @@ def ingest(
             "test_fraction": cfg.test_fraction,
             "classes": classes,
             "counts": summary.counts,
-            "shards": {split: sum(1 for p in plans if f"/{split}/" in p.dst.replace("\\", "/")) for split in items},
+            "shards": {
+                split: sum(1 for p in plans if f"/{split}/" in p.dst.replace("\\", "/"))
+                for split in items
+            },
             "rejected": summary.rejected,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

@@ -89,7 +89,9 @@ def covered_uris(output: str) -> set[str]:
     covered: set[str] = set()
     for uri in committed_files(output):
         fs, path = storage.resolve(uri)
-        covered.update(pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist())
+        covered.update(
+            pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist()
+        )
     return covered
 
 
@@ -119,7 +121,9 @@ def _check_job(cfg: LabelConfig, model_id: str) -> None:
 # Pipeline stages
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
+) -> dict[str, np.ndarray]:
     """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
     spec = Preprocess.from_meta(preprocess)
     transform = eval_transform(spec)
@@ -165,7 +169,10 @@ class Predictor:
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             if self.cuda:
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16):
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
+            ):
                 logits = self.artifact.module(normalize(pixels, self.spec)).float()
             top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
@@ -175,7 +182,9 @@ class Predictor:
             "label": [self.classes[i] if good else None for i, good in zip(label_ids, ok)],
             "label_id": [int(i) if good else None for i, good in zip(label_ids, ok)],
             "confidence": [float(s[0]) if good else None for s, good in zip(scores, ok)],
-            "topk_labels": [list(self.classes[ix]) if good else None for ix, good in zip(indices, ok)],
+            "topk_labels": [
+                list(self.classes[ix]) if good else None for ix, good in zip(indices, ok)
+            ],
             "topk_scores": [s.tolist() if good else None for s, good in zip(scores, ok)],
             "model": [self.artifact.model_id] * n,
             "error": [None if good else e for e, good in zip(batch["error"], ok)],
@@ -255,7 +264,10 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         f"{len(inputs.uris) - len(todo)} already labelled, {len(todo)} to go"
     )
     summary = LabelSummary(
-        storage.normalize(cfg.output), len(inputs.uris), len(inputs.uris) - len(todo), 0,
+        storage.normalize(cfg.output),
+        len(inputs.uris),
+        len(inputs.uris) - len(todo),
+        0,
         listing_seconds=listing_seconds,
     )
     if todo:
@@ -281,7 +293,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             num_gpus=cfg.gpus_per_actor if gpu else 0,
             num_cpus=1 if not gpu else None,
         )
-        progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}")
+        progress(
+            f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}"
+        )
         run_started = time.monotonic()
         ds.write_datasink(_datasink(cfg.output))
         summary.seconds = time.monotonic() - run_started
@@ -316,10 +330,12 @@ def _shard_rows(inputs: Inputs, todo: set[str]):
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = ray.get(todo_ref)
-        uris = np.array([f"{prefix}{p}#{k}" for p, k in zip(batch["path"], batch["key"])], dtype=object)
+        uris = np.array(
+            [f"{prefix}{p}#{k}" for p, k in zip(batch["path"], batch["key"])], dtype=object
+        )
         keep = np.array([u in wanted for u in uris], dtype=bool)
         return {"uri": uris[keep], "image": batch["image"][keep]}
 
-    return ray.data.read_parquet(paths, filesystem=fs, columns=["key", "image"], include_paths=True).map_batches(
-        to_rows, batch_size=256
-    )
+    return ray.data.read_parquet(
+        paths, filesystem=fs, columns=["key", "image"], include_paths=True
+    ).map_batches(to_rows, batch_size=256)

@@ -34,7 +34,9 @@ class SmallCNN(nn.Module):
             channels = out
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(channels, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(drop_rate), nn.Linear(channels, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -44,7 +46,9 @@ def _family(name: str) -> tuple[str, str]:
     if "/" in name:
         family, arch = name.split("/", 1)
         if family not in ("timm", "torchvision"):
-            raise UsageError(f"unknown model family {family!r} in {name!r} (use timm/ or torchvision/)")
+            raise UsageError(
+                f"unknown model family {family!r} in {name!r} (use timm/ or torchvision/)"
+            )
         return family, arch
     if name == "small_cnn":
         return "clf", name
@@ -132,7 +136,9 @@ def load_state_dict_file(uri: str) -> Mapping[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelLoadError(f"cannot load weights from {uri}: {str(e).splitlines()[0][:160]}") from None
+        raise ModelLoadError(
+            f"cannot load weights from {uri}: {str(e).splitlines()[0][:160]}"
+        ) from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -152,7 +158,11 @@ def load_pretrained(model: nn.Module, uri: str, name: str) -> None:
     if missing or unexpected or wrong:
         detail = "; ".join(
             f"{len(keys)} {what} (e.g. {keys[0]})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong))
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("mis-shaped", wrong),
+            )
             if keys
         )
         raise ModelLoadError(f"weights {uri} do not fit {name}: {detail}")
@@ -166,7 +176,9 @@ def default_preprocess(name: str, model: nn.Module | None = None) -> Preprocess:
     if family == "timm":
         import timm
 
-        cfg = timm.data.resolve_data_config({}, model=model or timm.create_model(arch, pretrained=False))
+        cfg = timm.data.resolve_data_config(
+            {}, model=model or timm.create_model(arch, pretrained=False)
+        )
         size = int(cfg["input_size"][-1])
         return Preprocess(
             input_size=size,

@@ -11,7 +11,7 @@ import json
 import os
 import posixpath
 import uuid
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -41,7 +41,7 @@ def _s3() -> pafs.S3FileSystem:
     return _s3_for(os.environ.get("AWS_ENDPOINT_URL"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _s3_for(endpoint: str | None) -> pafs.S3FileSystem:
     # Arrow's S3FileSystem reads the credential chain but not AWS_ENDPOINT_URL, so we pass the
     # standard variable on; patient retries ride out throttling (503 SlowDown) and resets.

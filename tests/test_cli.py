@@ -10,7 +10,9 @@ JOBS = ["ingest", "train", "export", "label", "predict"]
 
 
 def job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("name", JOBS)
@@ -22,18 +24,99 @@ def test_every_job_has_help(name):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["jobs.ingest", "--src", "/no/such/tree", "--dst", "/tmp/x"], "--src /no/such/tree: no such folder"),
-        (["jobs.ingest", "--src", str(HYMENOPTERA), "--dst", "/tmp/x", "--val-fraction", "1.5"], "must be in [0, 1)"),
-        (["jobs.ingest", "--src", str(HYMENOPTERA), "--dst", "/tmp/x", "--val-fraction", "abc"], "not a number"),
-        (["jobs.train", "--data", "/no/such/data", "--model", "mobilenet_v2", "--output", "/tmp/r"], "--data /no/such/data"),
-        (["jobs.train", "--data", "/tmp", "--model", "resnet9000", "--output", "/tmp/r"], "unknown model 'resnet9000'"),
-        (["jobs.train", "--data", "/tmp", "--model", "small_cnn", "--output", "/tmp/r", "--set", "optim.lrr=1"], "unknown config key optim.lrr"),
-        (["jobs.train", "--data", "/tmp", "--model", "small_cnn", "--output", "/tmp/r", "--strategy", "half"], "config key model.strategy"),
-        (["jobs.export", "--model", "resnet9000", "--pretrained", "/x", "--classes", "imagenet", "--output", "/tmp/a"], "unknown model"),
+        (
+            ["jobs.ingest", "--src", "/no/such/tree", "--dst", "/tmp/x"],
+            "--src /no/such/tree: no such folder",
+        ),
+        (
+            ["jobs.ingest", "--src", str(HYMENOPTERA), "--dst", "/tmp/x", "--val-fraction", "1.5"],
+            "must be in [0, 1)",
+        ),
+        (
+            ["jobs.ingest", "--src", str(HYMENOPTERA), "--dst", "/tmp/x", "--val-fraction", "abc"],
+            "not a number",
+        ),
+        (
+            [
+                "jobs.train",
+                "--data",
+                "/no/such/data",
+                "--model",
+                "mobilenet_v2",
+                "--output",
+                "/tmp/r",
+            ],
+            "--data /no/such/data",
+        ),
+        (
+            ["jobs.train", "--data", "/tmp", "--model", "resnet9000", "--output", "/tmp/r"],
+            "unknown model 'resnet9000'",
+        ),
+        (
+            [
+                "jobs.train",
+                "--data",
+                "/tmp",
+                "--model",
+                "small_cnn",
+                "--output",
+                "/tmp/r",
+                "--set",
+                "optim.lrr=1",
+            ],
+            "unknown config key optim.lrr",
+        ),
+        (
+            [
+                "jobs.train",
+                "--data",
+                "/tmp",
+                "--model",
+                "small_cnn",
+                "--output",
+                "/tmp/r",
+                "--strategy",
+                "half",
+            ],
+            "config key model.strategy",
+        ),
+        (
+            [
+                "jobs.export",
+                "--model",
+                "resnet9000",
+                "--pretrained",
+                "/x",
+                "--classes",
+                "imagenet",
+                "--output",
+                "/tmp/a",
+            ],
+            "unknown model",
+        ),
         (["jobs.export", "--output", "/tmp/a"], "give either --run"),
-        (["jobs.export", "--run", "/tmp/r", "--format", "tflite", "--output", "/tmp/a"], "--format tflite"),
-        (["jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l"], "not a model artifact"),
-        (["jobs.label", "--model", "/tmp", "--input", "/tmp", "--output", "/tmp/l", "--top-k", "0"], "must be at least 1"),
+        (
+            ["jobs.export", "--run", "/tmp/r", "--format", "tflite", "--output", "/tmp/a"],
+            "--format tflite",
+        ),
+        (
+            ["jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l"],
+            "not a model artifact",
+        ),
+        (
+            [
+                "jobs.label",
+                "--model",
+                "/tmp",
+                "--input",
+                "/tmp",
+                "--output",
+                "/tmp/l",
+                "--top-k",
+                "0",
+            ],
+            "must be at least 1",
+        ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
     ],
 )

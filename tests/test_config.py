@@ -27,7 +27,10 @@ def test_dotted_overrides_reach_nested_keys():
         ({"epochs": "ten"}, "config key epochs: expected an integer"),
         ({"epochs": 0}, "config key epochs: must be positive"),
         ({"augment.hflip": 2.0}, "config key augment.hflip: must be in [0, 1]"),
-        ({"model.strategy": "two-phase", "model.head_epochs": 5, "epochs": 5}, "config key model.head_epochs"),
+        (
+            {"model.strategy": "two-phase", "model.head_epochs": 5, "epochs": 5},
+            "config key model.head_epochs",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):

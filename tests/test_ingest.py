@@ -22,6 +22,8 @@ def flat_tree(tmp_path_factory):
                 (root / cls / f"{split}-{f.name}").write_bytes(f.read_bytes())
     (root / "ants" / "empty.jpg").write_bytes(b"")
     (root / "bees" / "notes.jpg").write_text("not an image")
+    whole = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-1].read_bytes()
+    (root / "bees" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
     return root
 
 
@@ -34,7 +36,7 @@ def test_split_is_stratified_and_deterministic(flat_tree):
         names = [i.label_name for i in first[split]]
         assert abs(names.count("ants") - names.count("bees")) <= 1
     keys = [i.key for split in first.values() for i in split]
-    assert len(keys) == len(set(keys)) == 122  # 120 photos + 2 bad files
+    assert len(keys) == len(set(keys)) == 123  # 120 photos + 3 bad files
 
 
 def test_another_seed_gives_another_split(flat_tree):
@@ -48,7 +50,10 @@ def test_presplit_tree_keeps_its_split_and_rejects_the_gif(tmp_path):
     assert summary.counts == {"train": {"ants": 123, "bees": 121}, "val": {"ants": 70, "bees": 83}}
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["rejected"] == [
-        {"key": "train/ants/imageNotFound.gif", "reason": "blank or placeholder image (94% one colour)"}
+        {
+            "key": "train/ants/imageNotFound.gif",
+            "reason": "blank or placeholder image (94% one colour)",
+        }
     ]
     assert json.loads((tmp_path / "classes.json").read_text()) == ["ants", "bees"]
     table = pq.read_table(tmp_path / "val" / "shard-00000.parquet")
@@ -62,6 +67,7 @@ def test_bad_files_are_listed_as_rejected(flat_tree, tmp_path):
     assert {r["key"]: r["reason"] for r in summary.rejected} == {
         "ants/empty.jpg": "empty file",
         "bees/notes.jpg": "not an image",
+        "bees/truncated.jpg": "truncated JPEG",
     }
     assert summary.images == 120
     manifest = json.loads((tmp_path / "manifest.json").read_text())

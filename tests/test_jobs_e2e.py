@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow
 def job(*args: str, timeout: int = 900) -> dict:
     """Run ``python -m jobs.X ... --json``; returns its one JSON line."""
     done = subprocess.run(
-        [sys.executable, "-m", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", *args, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -31,7 +35,17 @@ def true_imagenet_index(uri: str, wnids: list[str]) -> int:
 
 def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobilenet_weights):
     art, out = str(tmp_path / "art"), str(tmp_path / "labels")
-    job("jobs.export", "--model", "mobilenet_v2", "--pretrained", mobilenet_weights, "--classes", "imagenet", "--output", art)
+    job(
+        "jobs.export",
+        "--model",
+        "mobilenet_v2",
+        "--pretrained",
+        mobilenet_weights,
+        "--classes",
+        "imagenet",
+        "--output",
+        art,
+    )
     summary = job("jobs.label", "--model", art, "--input", str(IMAGENET_SAMPLES), "--output", out)
 
     rows = read_rows(out)
@@ -43,7 +57,10 @@ def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobile
     uris = rows.column("uri").to_pylist()
     assert len(set(uris)) == 1000
     wnids = sorted(name.split("_", 1)[0] for name in os.listdir(IMAGENET_SAMPLES))
-    correct = sum(true_imagenet_index(u, wnids) == i for u, i in zip(uris, rows.column("label_id").to_pylist()))
+    correct = sum(
+        true_imagenet_index(u, wnids) == i
+        for u, i in zip(uris, rows.column("label_id").to_pylist())
+    )
     print(f"ImageNet samples top-1: {correct / 1000:.3f}")
     assert correct / 1000 >= 0.80
 
@@ -54,9 +71,29 @@ def hymenoptera_run(tmp_path_factory, mobilenet_weights):
     data, run = str(root / "data"), str(root / "run")
     ingest = job("jobs.ingest", "--src", str(HYMENOPTERA), "--dst", data)
     trained = job(
-        "jobs.train", "--data", data, "--model", "mobilenet_v2", "--pretrained", mobilenet_weights,
-        "--output", run, "--workers", "2", "--epochs", "3", "--batch-size", "16", "--lr", "0.003",
-        "--strategy", "two-phase", "--head-epochs", "2", "--set", "augment.scale_min=0.25",
+        "jobs.train",
+        "--data",
+        data,
+        "--model",
+        "mobilenet_v2",
+        "--pretrained",
+        mobilenet_weights,
+        "--output",
+        run,
+        "--workers",
+        "2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.003",
+        "--strategy",
+        "two-phase",
+        "--head-epochs",
+        "2",
+        "--set",
+        "augment.scale_min=0.25",
     )
     return {"root": root, "data": data, "run": run, "ingest": ingest, "train": trained}
 
@@ -83,7 +120,10 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
 
 
 def test_bad_inputs_get_one_error_row_each_and_rerun_adds_nothing(hymenoptera_run, bad_files_dir):
-    model, out = os.path.join(hymenoptera_run["run"], "model"), str(hymenoptera_run["root"] / "bad-labels")
+    model, out = (
+        os.path.join(hymenoptera_run["run"], "model"),
+        str(hymenoptera_run["root"] / "bad-labels"),
+    )
     summary = job("jobs.label", "--model", model, "--input", str(bad_files_dir), "--output", out)
     rows = {os.path.basename(r["uri"]): r for r in read_rows(out).to_pylist()}
     assert set(rows) == set(os.listdir(bad_files_dir))
@@ -103,7 +143,10 @@ def test_export_from_run_and_predict_top5(hymenoptera_run):
     assert exported["parity"] < 1e-4
     bee = str(HYMENOPTERA / "val" / "bees" / sorted(os.listdir(HYMENOPTERA / "val" / "bees"))[0])
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.predict", "--model", art, bee], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "jobs.predict", "--model", art, bee],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == bee

@@ -29,8 +29,13 @@ def test_decode_batch_turns_every_file_into_pixels_or_a_reason(bad_files_dir):
 @pytest.fixture
 def small_artifact(tmp_path):
     torch.manual_seed(0)
-    artifact.export(create_model("small_cnn", 4).eval(), str(tmp_path), arch="small_cnn",
-                    classes=["w", "x", "y", "z"], preprocess=SPEC)
+    artifact.export(
+        create_model("small_cnn", 4).eval(),
+        str(tmp_path),
+        arch="small_cnn",
+        classes=["w", "x", "y", "z"],
+        preprocess=SPEC,
+    )
     return str(tmp_path)
 
 
@@ -45,10 +50,14 @@ def test_predictor_rows_have_the_label_schema_and_null_on_error(small_artifact):
     assert table.schema == LABEL_SCHEMA
     good, bad = table.to_pylist()
     assert good["error"] is None and good["label"] == good["topk_labels"][0]
-    assert len(good["topk_scores"]) == 3 and good["confidence"] == pytest.approx(good["topk_scores"][0])
+    assert len(good["topk_scores"]) == 3 and good["confidence"] == pytest.approx(
+        good["topk_scores"][0]
+    )
     assert sorted(good["topk_scores"], reverse=True) == good["topk_scores"]
     assert bad["error"] == "corrupt JPEG"
-    assert all(bad[k] is None for k in ("label", "label_id", "confidence", "topk_labels", "topk_scores"))
+    assert all(
+        bad[k] is None for k in ("label", "label_id", "confidence", "topk_labels", "topk_scores")
+    )
     assert good["model"] == bad["model"] == artifact.read_meta(small_artifact)["sha256"][:12]
 
 
@@ -59,7 +68,9 @@ def test_part_names_depend_only_on_the_inputs_covered():
 def test_shard_inputs_are_addressed_by_shard_and_key(tmp_path):
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"key": ["x/1.jpg", "x/2.jpg"], "image": [b"", b""]}), tmp_path / "s.parquet")
+    pq.write_table(
+        pa.table({"key": ["x/1.jpg", "x/2.jpg"], "image": [b"", b""]}), tmp_path / "s.parquet"
+    )
     inputs = list_inputs(str(tmp_path))
     assert inputs.kind == "shards"
     assert inputs.uris == [f"{tmp_path}/s.parquet#x/1.jpg", f"{tmp_path}/s.parquet#x/2.jpg"]

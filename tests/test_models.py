@@ -7,7 +7,9 @@ from clf.errors import ModelLoadError, UsageError
 from clf.models import create_model, default_preprocess, head, imagenet_classes
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "timm/resnet18", "mobilenetv3_small_050"])
+@pytest.mark.parametrize(
+    "name", ["small_cnn", "resnet18", "timm/resnet18", "mobilenetv3_small_050"]
+)
 def test_any_family_builds_with_the_requested_head(name):
     model = create_model(name, 7).eval()
     assert head(model).out_features == 7

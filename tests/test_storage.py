@@ -30,7 +30,10 @@ def test_s3_roundtrip_through_aws_endpoint_url(bucket):
     storage.write_bytes(f"{bucket}/run/x.bin", b"abc")
     storage.write_json(f"{bucket}/run/sub/meta.json", {"a": [1, 2]})
     assert storage.read_bytes(f"{bucket}/run/x.bin") == b"abc"
-    assert storage.list_files(f"{bucket}/run") == [f"{bucket}/run/sub/meta.json", f"{bucket}/run/x.bin"]
+    assert storage.list_files(f"{bucket}/run") == [
+        f"{bucket}/run/sub/meta.json",
+        f"{bucket}/run/x.bin",
+    ]
     assert storage.is_dir(f"{bucket}/run") and storage.exists(f"{bucket}/run/x.bin")
 
 

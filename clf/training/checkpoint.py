@@ -28,7 +28,9 @@ def save(state: dict[str, Any], meta: dict[str, Any]):
 
 def load(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        return torch.load(
+            os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True
+        )
 
 
 def best_in_run(run: str) -> tuple[str, dict[str, Any]]:

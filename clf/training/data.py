@@ -45,6 +45,13 @@ class DecodeCollate(NumpyBatchCollateFn):
             images.append(self.transform(image))
             labels.append(int(label))
         if not images:
-            crop = self.transform.transforms[0].size if self.train else self.transform.transforms[1].size
-            return {"image": torch.empty((0, 3, *crop), dtype=torch.uint8), "label": torch.empty(0, dtype=torch.long)}
+            crop = (
+                self.transform.transforms[0].size
+                if self.train
+                else self.transform.transforms[1].size
+            )
+            return {
+                "image": torch.empty((0, 3, *crop), dtype=torch.uint8),
+                "label": torch.empty(0, dtype=torch.long),
+            }
         return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long)}

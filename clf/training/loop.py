@@ -81,7 +81,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[train] resumed from the checkpoint of epoch {restored['epoch']}", flush=True)
 
     train_collate, val_collate = DecodeCollate(spec, cfg.augment), DecodeCollate(spec)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard, val_shard = (
+        ray.train.get_dataset_shard("train"),
+        ray.train.get_dataset_shard("val"),
+    )
     phase, ddp, optimizer, scheduler = None, None, None, None
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -89,11 +92,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             phase = phase_of(cfg, epoch)
             set_trainable(model, phase)
             # DDP registers the trainable parameters when it is built, so rebuild it per phase.
-            ddp = DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+            ddp = (
+                DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+                if world > 1
+                else model
+            )
             lr, phase_epochs = phase_schedule(cfg, phase)
             optimizer = create_optimizer(model, cfg.optim, lr)
             scheduler = create_scheduler(optimizer, cfg.schedule, steps_per_epoch, phase_epochs)
-            first_epoch = epoch - (cfg.model.head_epochs if phase == "full" and cfg.model.strategy == "two-phase" else 0)
+            first_epoch = epoch - (
+                cfg.model.head_epochs
+                if phase == "full" and cfg.model.strategy == "two-phase"
+                else 0
+            )
             if restored is not None and restored.get("phase") == phase:
                 optimizer.load_state_dict(restored["optimizer"])
                 scheduler.load_state_dict(restored["scheduler"])
@@ -130,8 +141,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.update()
             scheduler.step()
             totals += torch.stack(
-                [loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                 torch.tensor(len(labels), dtype=torch.float64, device=device)]
+                [
+                    loss.detach().double() * len(labels),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(len(labels), dtype=torch.float64, device=device),
+                ]
             )
         train_seconds = time.monotonic() - started
         val_loss, val_acc = evaluate(model, val_shard, val_collate, spec, criterion, device, cfg)
@@ -157,14 +171,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def evaluate(model, shard, collate, spec, criterion, device, cfg) -> tuple[float, float]:
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else contextlib.nullcontext()
-    for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size * 2, collate_fn=collate, prefetch_batches=2):
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type == "cuda" and cfg.amp
+        else contextlib.nullcontext()
+    )
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg.data.batch_size * 2, collate_fn=collate, prefetch_batches=2
+    ):
         with autocast:
             logits = model(normalize(batch["image"], spec)).float()
         labels = batch["label"]
         totals += torch.stack(
-            [criterion(logits, labels).double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-             torch.tensor(len(labels), dtype=torch.float64, device=device)]
+            [
+                criterion(logits, labels).double() * len(labels),
+                (logits.argmax(1) == labels).sum().double(),
+                torch.tensor(len(labels), dtype=torch.float64, device=device),
+            ]
         )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

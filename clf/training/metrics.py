@@ -13,7 +13,9 @@ def read(run: str) -> list[dict[str, Any]]:
     uri = storage.join(run, "metrics.jsonl")
     if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()
+    ]
 
 
 def append(run: str, row: dict[str, Any]) -> None:

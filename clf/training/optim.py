@@ -16,7 +16,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [dict(g, lr=lr) for g in groups if g["params"]]
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from clf import artifact, models, runtime, storage
 from clf.config import TrainConfig, to_dict
@@ -35,7 +35,9 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
     if cfg.data.norm == "imagenet":
         spec = Preprocess(spec.input_size, spec.resize, spec.interpolation)
     elif cfg.data.norm == "dataset":
-        raise UsageError("config key data.norm: 'dataset' is not supported yet; use model or imagenet")
+        raise UsageError(
+            "config key data.norm: 'dataset' is not supported yet; use model or imagenet"
+        )
     return spec
 
 
@@ -95,7 +97,9 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
     from clf.training.loop import train_loop_per_worker
 
     datasets = {
-        "train": read_split(cfg.data.path, "train", cfg.data.read_cpus).randomize_block_order(seed=cfg.seed),
+        "train": read_split(cfg.data.path, "train", cfg.data.read_cpus).randomize_block_order(
+            seed=cfg.seed
+        ),
         "val": read_split(cfg.data.path, "val", cfg.data.read_cpus),
     }
     progress(
@@ -153,15 +157,23 @@ def _guard_config(run: str, cfg: TrainConfig) -> None:
     if not storage.exists(uri):
         return
     previous = storage.read_json(uri)
-    for section, key in (("model", "name"), ("data", "path")):
-        if previous.get(section, {}).get(key) != getattr(getattr(cfg, section), key):
+    checks = {
+        "model.name": (previous["model"]["name"], cfg.model.name),
+        "data.path": (
+            storage.normalize(previous["data"]["path"]),
+            storage.normalize(cfg.data.path),
+        ),
+    }
+    for key, (before, now) in checks.items():
+        if before != now:
             raise UsageError(
-                f"--output {run} holds a run with {section}.{key}={previous[section][key]!r}; "
-                "use a new --output"
+                f"--output {run} holds a run with {key}={before!r}; use a new --output"
             )
 
 
-def export_run(run: str, folder: str | None = None, output: str | None = None, formats=("torchscript",)) -> str:
+def export_run(
+    run: str, folder: str | None = None, output: str | None = None, formats=("torchscript",)
+) -> str:
     """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``)."""
     config_uri = storage.join(run, "config.json")
     if not storage.exists(config_uri):
@@ -186,6 +198,8 @@ def export_run(run: str, folder: str | None = None, output: str | None = None, f
         preprocess=Preprocess.from_meta(resolved["preprocess"]),
         formats=tuple(formats),
         source_run=run,
-        metrics={k: epoch_metrics[k] for k in ("epoch", "val_acc", "val_loss") if k in epoch_metrics},
+        metrics={
+            k: epoch_metrics[k] for k in ("epoch", "val_acc", "val_loss") if k in epoch_metrics
+        },
     )
     return output
