@@ -36,8 +36,6 @@ class AugmentConfig:
     color_jitter: float = 0.0  # brightness, contrast and saturation strength
     auto: Literal["none", "trivial", "randaugment"] = "none"
     random_erasing: float = 0.0  # probability
-    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
-    cutmix: float = 0.0
 
 
 @dataclass
