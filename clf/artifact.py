@@ -60,9 +60,7 @@ def export(
     sample: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Write the artifact; refuses (``ModelLoadError``) if the exported model disagrees with eager."""
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    check_formats(formats)
     model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     example = (
         sample
@@ -97,6 +95,12 @@ def export(
     }
     storage.write_json(storage.join(output, "meta.json"), meta)  # last: marks a complete artifact
     return meta
+
+
+def check_formats(formats: tuple[str, ...]) -> None:
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
 
 
 def read_meta(uri: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ class DataConfig:
     path: str = ""  # ingest output (DST) holding train/ val/ [test/] shards and classes.json
     batch_size: int = 32  # per worker
     input_size: int | None = None  # None: the model's own default
-    norm: Literal["model", "imagenet", "dataset"] = "model"
+    norm: Literal["model", "imagenet"] = "model"  # issue 3 adds "dataset" statistics
     # Fraction of a CPU that each Ray Data read task asks for; training workers hold the rest.
     read_cpus: float = 0.25
 

@@ -44,6 +44,7 @@ class Item:
 
 @dataclass
 class ShardPlan:
+    split: str
     src: str
     dst: str  # full URI of the shard file
     items: list[Item]
@@ -52,6 +53,7 @@ class ShardPlan:
 
 @dataclass
 class ShardResult:
+    split: str
     dst: str
     written: int
     rejected: list[dict] = field(default_factory=list)
@@ -145,6 +147,7 @@ def shard_plans(cfg: IngestConfig, items: dict[str, list[Item]]) -> list[ShardPl
             name = f"shard-{start // cfg.shard_size:05d}.parquet"
             plans.append(
                 ShardPlan(
+                    split=split,
                     src=storage.normalize(cfg.src),
                     dst=storage.join(cfg.dst, split, name),
                     items=members[start : start + cfg.shard_size],
@@ -174,7 +177,7 @@ def write_shard(plan: ShardPlan) -> ShardResult:
         return item, data, check_image(data, plan.max_pixels)
 
     rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    result = ShardResult(plan.dst, 0)
+    result = ShardResult(plan.split, plan.dst, 0)
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound; Pillow decodes outside the GIL
         for item, data, reason in pool.map(load, plan.items):
             if reason:
@@ -211,16 +214,15 @@ def ingest(
     progress(
         f"ingest: {sum(map(len, items.values()))} files in {len(classes)} classes -> {len(plans)} shards"
     )
-    counts: dict[str, Counter] = {split: Counter() for split in items}
-    done = 0
-    for result in (run_shards or (lambda ps: map(write_shard, ps)))(plans):
-        split = posixpath.basename(posixpath.dirname(result.dst.replace("\\", "/")))
+    results = (run_shards or (lambda ps: map(write_shard, ps)))(plans)
+    for done, result in enumerate(results, 1):
         rejected += result.rejected
-        done += 1
-        progress(f"ingest: shard {done}/{len(plans)} {split} ({result.written} images)")
-    for split, members in items.items():
-        bad = {r["key"] for r in rejected}
-        counts[split] = Counter(i.label_name for i in members if i.key not in bad)
+        progress(f"ingest: shard {done}/{len(plans)} {result.split} ({result.written} images)")
+    bad = {r["key"] for r in rejected}
+    counts = {
+        split: Counter(i.label_name for i in members if i.key not in bad)
+        for split, members in items.items()
+    }
     _remove_stale_shards(cfg.dst, {p.dst for p in plans})
     storage.write_json(storage.join(cfg.dst, "classes.json"), classes)
     summary = IngestSummary(
@@ -240,10 +242,7 @@ def ingest(
             "test_fraction": cfg.test_fraction,
             "classes": classes,
             "counts": summary.counts,
-            "shards": {
-                split: sum(1 for p in plans if f"/{split}/" in p.dst.replace("\\", "/"))
-                for split in items
-            },
+            "shards": dict(Counter(p.split for p in plans)),
             "rejected": summary.rejected,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from clf import artifact, runtime, storage
 from clf.config import LabelConfig
 from clf.decode import DecodeError, decode_image
-from clf.errors import UsageError
+from clf.errors import ClfError, UsageError
 from clf.transforms import Preprocess, eval_transform, normalize
 
 LABEL_SCHEMA = pa.schema(
@@ -86,21 +86,16 @@ def committed_files(output: str) -> list[str]:
 
 
 def covered_uris(output: str) -> set[str]:
-    covered: set[str] = set()
-    for uri in committed_files(output):
-        fs, path = storage.resolve(uri)
-        covered.update(
-            pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist()
-        )
-    return covered
+    return set(read_rows(output, ["uri"]).column("uri").to_pylist())
 
 
-def read_rows(output: str) -> pa.Table:
+def read_rows(output: str, columns: list[str] | None = None) -> pa.Table:
+    schema = pa.schema([LABEL_SCHEMA.field(c) for c in columns]) if columns else LABEL_SCHEMA
     tables = []
     for uri in committed_files(output):
         fs, path = storage.resolve(uri)
-        tables.append(pq.read_table(path, filesystem=fs, schema=LABEL_SCHEMA))
-    return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
+        tables.append(pq.read_table(path, filesystem=fs, schema=LABEL_SCHEMA, columns=columns))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _check_job(cfg: LabelConfig, model_id: str) -> None:
@@ -279,7 +274,11 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             ds = _shard_rows(inputs, set(todo))
         ds = ds.map_batches(
             decode_batch,
-            fn_kwargs={"preprocess": meta_preprocess(meta), "max_pixels": cfg.max_pixels},
+            # The preprocessing keys only: meta's class list need not travel with every task.
+            fn_kwargs={
+                "preprocess": Preprocess.from_meta(meta).to_meta(),
+                "max_pixels": cfg.max_pixels,
+            },
             batch_size=cfg.decode_batch_size,
             num_cpus=1,
             # Retry a decode task whose worker died. Per-task remote args also keep Ray from
@@ -299,24 +298,20 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         run_started = time.monotonic()
         ds.write_datasink(_datasink(cfg.output))
         summary.seconds = time.monotonic() - run_started
-    rows = read_rows(cfg.output)
-    done = {u for u in rows.column("uri").to_pylist()}
-    summary.labelled = len(done & set(todo))
-    errors = rows.filter(pa.compute.is_valid(rows.column("error"))).column("error").to_pylist()
-    summary.errors = dict(Counter(errors).most_common())
-    summary.seconds = summary.seconds or 0.0
-    missing = len(set(inputs.uris) - done)
+    rows = read_rows(cfg.output, ["uri", "error"]).to_pydict()
+    todo_set = set(todo)
+    summary.labelled = len(todo_set.intersection(rows["uri"]))
+    summary.errors = dict(  # this run's errors only, not those of earlier runs
+        Counter(e for u, e in zip(rows["uri"], rows["error"]) if e and u in todo_set).most_common()
+    )
+    missing = len(set(inputs.uris).difference(rows["uri"]))
     if missing:
-        raise RuntimeError(f"{missing} inputs have no label row after the run; re-run to finish")
+        raise ClfError(f"{missing} inputs have no label row after the run; re-run to finish")
     return summary
 
 
 def _decode_task_args() -> dict:
     return {"max_retries": 3}
-
-
-def meta_preprocess(meta: dict) -> dict:
-    return Preprocess.from_meta(meta).to_meta()
 
 
 def _shard_rows(inputs: Inputs, todo: set[str]):

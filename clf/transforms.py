@@ -7,6 +7,7 @@ to the device. ``normalize`` then runs once per batch, on the device.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import torch
 from PIL import Image
@@ -59,6 +60,7 @@ def _interp(name: str) -> InterpolationMode:
     return InterpolationMode(name)
 
 
+@lru_cache(maxsize=16)  # stateless, and label decode tasks ask for it once per batch
 def eval_transform(spec: Preprocess) -> v2.Compose:
     """Resize the shorter side, then center-crop: the only eval transforms."""
     return v2.Compose(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clf import cli, models
-from clf.artifact import FORMATS
+from clf.artifact import FORMATS, check_formats, read_meta
 from clf.errors import UsageError
 
 
@@ -23,18 +23,13 @@ def build_parser():
 def main() -> None:
     args = build_parser().parse_args()
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    check_formats(formats)
     if bool(args.run) == bool(args.model):
         raise UsageError("give either --run RUN, or --model NAME --pretrained PATH --classes FILE")
     if args.run:
         from clf.training import export_run
 
-        output = export_run(args.run, output=args.output, formats=formats)
-        from clf.artifact import read_meta
-
-        meta = read_meta(output)
+        meta = read_meta(export_run(args.run, output=args.output, formats=formats))
     else:
         if not args.pretrained or not args.classes:
             raise UsageError("--model needs --pretrained PATH_OR_URI and --classes FILE|imagenet")

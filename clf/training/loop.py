@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -43,13 +42,20 @@ def set_train_mode(model: nn.Module, phase: str) -> None:
                 module.eval()
 
 
-def phase_schedule(cfg: TrainConfig, phase: str) -> tuple[float, int]:
-    """Learning rate and epoch count of a phase."""
+def phase_schedule(cfg: TrainConfig, phase: str) -> tuple[float, int, int]:
+    """Learning rate, first epoch and epoch count of a phase."""
     if cfg.model.strategy != "two-phase":
-        return cfg.optim.lr, cfg.epochs
+        return cfg.optim.lr, 0, cfg.epochs
     if phase == "head":
-        return cfg.optim.lr, cfg.model.head_epochs
-    return cfg.optim.lr * cfg.optim.finetune_lr_scale, cfg.epochs - cfg.model.head_epochs
+        return cfg.optim.lr, 0, cfg.model.head_epochs
+    head = cfg.model.head_epochs
+    return cfg.optim.lr * cfg.optim.finetune_lr_scale, head, cfg.epochs - head
+
+
+def tally(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss sum, correct, count) of a batch, summed over batches and then across workers."""
+    n = torch.tensor(len(labels), dtype=torch.float64, device=labels.device)
+    return torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(), n])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -69,6 +75,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     use_amp = cuda and cfg.amp
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
@@ -97,20 +107,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if world > 1
                 else model
             )
-            lr, phase_epochs = phase_schedule(cfg, phase)
+            lr, phase_start, phase_epochs = phase_schedule(cfg, phase)
             optimizer = create_optimizer(model, cfg.optim, lr)
             scheduler = create_scheduler(optimizer, cfg.schedule, steps_per_epoch, phase_epochs)
-            first_epoch = epoch - (
-                cfg.model.head_epochs
-                if phase == "full" and cfg.model.strategy == "two-phase"
-                else 0
-            )
             if restored is not None and restored.get("phase") == phase:
                 optimizer.load_state_dict(restored["optimizer"])
                 scheduler.load_state_dict(restored["scheduler"])
                 scaler.load_state_dict(restored["scaler"])
-            elif first_epoch > 0:  # resumed into a phase from a checkpoint of the previous one
-                for _ in range(first_epoch * steps_per_epoch):
+            else:  # a resume into a phase the checkpoint had not reached starts its schedule late
+                for _ in range((epoch - phase_start) * steps_per_epoch):
                     scheduler.step()
         set_train_mode(model, phase)
         started = time.monotonic()
@@ -129,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if cuda and cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast():
                 logits = ddp(images)
                 loss = criterion(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -140,15 +145,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            totals += torch.stack(
-                [
-                    loss.detach().double() * len(labels),
-                    (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(len(labels), dtype=torch.float64, device=device),
-                ]
-            )
+            totals += tally(loss, logits, labels)
         train_seconds = time.monotonic() - started
-        val_loss, val_acc = evaluate(model, val_shard, val_collate, spec, criterion, device, cfg)
+        val_loss, val_acc = evaluate(model, val_shard, val_collate, spec, criterion, autocast, cfg)
         if world > 1:
             dist.all_reduce(totals)
         row = {
@@ -168,27 +167,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, shard, collate, spec, criterion, device, cfg) -> tuple[float, float]:
+def evaluate(model, shard, collate, spec, criterion, autocast, cfg) -> tuple[float, float]:
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.amp
-        else contextlib.nullcontext()
-    )
+    totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
     for batch in shard.iter_torch_batches(
         batch_size=cfg.data.batch_size * 2, collate_fn=collate, prefetch_batches=2
     ):
-        with autocast:
+        with autocast():
             logits = model(normalize(batch["image"], spec)).float()
-        labels = batch["label"]
-        totals += torch.stack(
-            [
-                criterion(logits, labels).double() * len(labels),
-                (logits.argmax(1) == labels).sum().double(),
-                torch.tensor(len(labels), dtype=torch.float64, device=device),
-            ]
-        )
+        totals += tally(criterion(logits, batch["label"]), logits, batch["label"])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return float(totals[0] / max(totals[2], 1)), float(totals[1] / max(totals[2], 1))

@@ -34,10 +34,6 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
         spec = spec.with_size(cfg.data.input_size)
     if cfg.data.norm == "imagenet":
         spec = Preprocess(spec.input_size, spec.resize, spec.interpolation)
-    elif cfg.data.norm == "dataset":
-        raise UsageError(
-            "config key data.norm: 'dataset' is not supported yet; use model or imagenet"
-        )
     return spec
 
 
