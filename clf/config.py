@@ -23,7 +23,9 @@ class DataConfig:
     path: str = ""  # ingest output (DST) holding train/ val/ [test/] shards and classes.json
     batch_size: int = 32  # per worker
     input_size: int | None = None  # None: the model's own default
-    norm: Literal["model", "imagenet"] = "model"  # issue 3 adds "dataset" statistics
+    # Normalisation statistics: the backbone's own, ImageNet's, or computed from the train split.
+    norm: Literal["model", "imagenet", "dataset"] = "model"
+    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: every class equally often
     # Fraction of a CPU that each Ray Data read task asks for; training workers hold the rest.
     read_cpus: float = 0.25
 
@@ -36,6 +38,8 @@ class AugmentConfig:
     color_jitter: float = 0.0  # brightness, contrast and saturation strength
     auto: Literal["none", "trivial", "randaugment"] = "none"
     random_erasing: float = 0.0  # probability
+    mixup: float = 0.0  # Beta(alpha, alpha) of MixUp; 0 turns it off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of CutMix; with both on, each batch picks one
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ModelConfig:
     strategy: Literal["frozen", "finetune", "two-phase"] = "finetune"
     head_epochs: int = 1  # two-phase: epochs that train the head alone
     drop_rate: float = 0.0
+    ema_decay: float | None = None  # e.g. 0.999: evaluate and export an EMA of the weights
 
 
 @dataclass
@@ -55,13 +60,22 @@ class OptimConfig:
     momentum: float = 0.9
     label_smoothing: float = 0.1
     clip_grad: float | None = 1.0
+    accumulate: int = 1  # micro-batches per optimizer step
     finetune_lr_scale: float = 0.1  # two-phase: backbone lr = lr * this after unfreezing
+    # Discriminative learning rates: the backbone is cut into layer_groups slices by depth, and
+    # each slice below the head gets this factor once more (1 turns it off).
+    discriminative_lr: float = 1.0
+    layer_groups: int = 3
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: loss weights n / (C * n_c)
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
+    name: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # cosine, step and constant
+    step_epochs: float = 10.0  # step: multiply the lr by gamma every this many epochs
+    gamma: float = 0.1
+    onecycle_pct_start: float = 0.3  # onecycle: share of the steps spent rising to lr
 
 
 @dataclass
@@ -75,6 +89,8 @@ class TrainConfig:
     channels_last: bool = True  # used only on CUDA
     keep_checkpoints: int = 2
     max_failures: int = 3
+    early_stopping: int | None = None  # patience: epochs without a better val_acc before stopping
+    tensorboard: bool = True  # event files under RUN/tensorboard
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,9 +99,22 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         _positive(self, "epochs", "workers", "keep_checkpoints", "data.batch_size")
+        _positive(self, "optim.accumulate", "optim.layer_groups", "schedule.step_epochs")
         _at_least(self, 0, "max_failures", "schedule.warmup_epochs", "model.head_epochs")
+        _at_least(self, 0, "augment.mixup", "augment.cutmix")
         _fraction(self, "augment.hflip", "augment.random_erasing", "optim.label_smoothing")
-        _fraction(self, "augment.scale_min", "model.drop_rate")
+        _fraction(self, "augment.scale_min", "model.drop_rate", "schedule.gamma")
+        _fraction(self, "optim.discriminative_lr", "schedule.onecycle_pct_start")
+        if self.optim.discriminative_lr <= 0:
+            raise UsageError("config key optim.discriminative_lr: must be in (0, 1]")
+        if self.model.ema_decay is not None and not 0 < self.model.ema_decay < 1:
+            raise UsageError(
+                f"config key model.ema_decay: must be in (0, 1), got {self.model.ema_decay}"
+            )
+        if self.early_stopping is not None and self.early_stopping < 1:
+            raise UsageError(
+                f"config key early_stopping: patience must be at least 1, got {self.early_stopping}"
+            )
         if not 0 < self.optim.lr < 10:
             raise UsageError(f"config key optim.lr: must be in (0, 10), got {self.optim.lr}")
         if self.data.input_size is not None and self.data.input_size < 8:

@@ -108,3 +108,15 @@ def normalize(batch: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1) * 255
     return (batch.float() - mean) / std
+
+
+def batch_mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix over a normalized float batch: (images, labels) -> (images, soft)."""
+    mixers = []
+    if aug.mixup > 0:
+        mixers.append(v2.MixUp(alpha=aug.mixup, num_classes=num_classes))
+    if aug.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

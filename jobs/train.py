@@ -24,6 +24,20 @@ FLAG_KEYS = {
     "input_size": "data.input_size",
     "device": "device",
     "seed": "seed",
+    "optimizer": "optim.name",
+    "schedule": "schedule.name",
+    "label_smoothing": "optim.label_smoothing",
+    "discriminative_lr": "optim.discriminative_lr",
+    "accumulate": "optim.accumulate",
+    "class_weights": "optim.class_weights",
+    "sampler": "data.sampler",
+    "norm": "data.norm",
+    "augment": "augment.auto",
+    "mixup": "augment.mixup",
+    "cutmix": "augment.cutmix",
+    "ema": "model.ema_decay",
+    "early_stopping": "early_stopping",
+    "max_failures": "max_failures",
 }
 
 
@@ -42,6 +56,30 @@ def build_parser():
     p.add_argument("--input-size", type=int)
     p.add_argument("--device", help="auto|cpu|cuda")
     p.add_argument("--seed", type=int)
+    p.add_argument("--optimizer", help="adamw|sgd")
+    p.add_argument("--schedule", help="cosine|step|onecycle|constant")
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument(
+        "--discriminative-lr",
+        type=float,
+        metavar="FACTOR",
+        help="lr factor per backbone layer group below the head, e.g. 0.3 (1: off)",
+    )
+    p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--class-weights", help="none|balanced loss weights")
+    p.add_argument("--sampler", help="shuffle|balanced (every class equally often)")
+    p.add_argument("--norm", help="model|imagenet|dataset normalisation statistics")
+    p.add_argument("--augment", help="none|trivial|randaugment")
+    p.add_argument("--mixup", type=float, metavar="ALPHA")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="evaluate and export a weight EMA")
+    p.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from")
+    p.add_argument(
+        "--preview-augmentations",
+        action="store_true",
+        help="write OUTPUT/augmentations.png of augmented train images and exit",
+    )
     p.add_argument("--config", help="YAML file of config keys (see README)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any key"
@@ -76,9 +114,18 @@ def main() -> None:
     args = build_parser().parse_args()
     cfg = resolve(args)
     from clf.training import train
-    from clf.training.trainer import check
+    from clf.training.trainer import check, resolve_preprocess
 
     check(cfg)
+    if args.preview_augmentations:
+        from clf import storage
+        from clf.training.preview import preview_augmentations
+
+        png = preview_augmentations(
+            cfg, resolve_preprocess(cfg), storage.join(cfg.output, "augmentations.png")
+        )
+        cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
+        return
     runtime.init_ray()
     summary = train(cfg, progress=cli.progress(args.json))
     last = summary.history[-1] if summary.history else {}

@@ -44,3 +44,24 @@ def test_set_values_keep_their_yaml_types():
     assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
     assert parse_override("amp=false") == ("amp", False)
     assert parse_override("model.name=resnet18") == ("model.name", "resnet18")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"augment.mixup": -1}, "config key augment.mixup: must be >= 0"),
+        ({"optim.discriminative_lr": 0}, "config key optim.discriminative_lr"),
+        ({"optim.accumulate": 0}, "config key optim.accumulate: must be positive"),
+        ({"optim.class_weights": "auto"}, "config key optim.class_weights: must be one of"),
+        ({"data.sampler": "weighted"}, "config key data.sampler: must be one of shuffle|balanced"),
+        ({"data.norm": "mine"}, "config key data.norm: must be one of model|imagenet|dataset"),
+        ({"schedule.name": "linear"}, "config key schedule.name: must be one of"),
+        ({"model.ema_decay": 1.5}, "config key model.ema_decay: must be in (0, 1)"),
+        ({"early_stopping": 0}, "config key early_stopping: patience must be at least 1"),
+    ],
+)
+def test_recipe_keys_are_validated_with_the_key_named(override, message):
+    with pytest.raises(UsageError) as e:
+        build(**override)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)

@@ -7,7 +7,11 @@ between processes and the next batch is decoded while this one trains.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
+
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
@@ -25,33 +29,110 @@ def read_split(data: str, split: str, read_cpus: float):
     )
 
 
+def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:
+    """The first ``limit`` (image bytes, label) rows of a split, read without Ray."""
+    seen = 0
+    for uri in storage.list_files(storage.join(data, split)):
+        if not uri.endswith(".parquet"):
+            continue
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+        for image, label in zip(table.column("image").to_pylist(), table.column("label")):
+            if seen == limit:
+                return
+            seen += 1
+            yield image, label.as_py()
+
+
+def channel_stats(data: str, spec: Preprocess, limit: int = 512) -> Preprocess:
+    """``spec`` with mean and std measured on up to ``limit`` train images (eval view)."""
+    transform = eval_transform(spec)
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for image, _ in iter_rows(data, "train", limit):
+        try:
+            x = transform(decode_image(image, min_size=spec.resize, max_one_colour=None))
+        except DecodeError:
+            continue
+        x = x.double().flatten(1) / 255
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        pixels += x.shape[1]
+    if not pixels:
+        return spec
+    mean = total / pixels
+    std = (squares / pixels - mean**2).clamp_min(1e-12).sqrt()
+    return Preprocess(
+        spec.input_size,
+        spec.resize,
+        spec.interpolation,
+        tuple(round(float(v), 4) for v in mean),
+        tuple(round(float(v), 4) for v in std),
+    )
+
+
+def balanced_weights(counts: list[int]) -> np.ndarray:
+    """n / (C * n_c) per class: sklearn's "balanced" weights. An absent class weighs 0."""
+    counts_array = np.asarray(counts, dtype=np.float64)
+    present = counts_array > 0
+    weights = np.zeros_like(counts_array)
+    weights[present] = counts_array.sum() / (present.sum() * counts_array[present])
+    return weights
+
+
+class BalancedResampler:
+    """Draws each row ``floor(w) + Bernoulli(frac(w))`` times, ``w`` its class's balanced weight.
+
+    In expectation every class is seen equally often and an epoch keeps its length, the way a
+    ``WeightedRandomSampler`` with replacement behaves. It works on each worker's own stream, so
+    it needs no sampler coordination under DDP. Draws are seeded by the run seed, the epoch and
+    the batch's content, so a run is reproducible.
+    """
+
+    def __init__(self, counts: list[int], seed: int):
+        self.weights = balanced_weights(counts)
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        sizes = np.fromiter((len(b) for b in images), dtype=np.int64, count=len(images))
+        content = zlib.crc32(sizes.tobytes() + np.asarray(labels, dtype=np.int64).tobytes())
+        rng = np.random.default_rng([self.seed, self.epoch, content])
+        w = self.weights[np.asarray(labels, dtype=np.int64)]
+        repeats = np.floor(w).astype(np.int64) + (rng.random(len(w)) < w - np.floor(w))
+        return np.repeat(np.arange(len(w)), repeats)
+
+
 class DecodeCollate(NumpyBatchCollateFn):
     """Bytes + labels -> {"image": uint8 NCHW, "label": int64}. Undecodable rows are skipped."""
 
-    def __init__(self, spec: Preprocess, augment=None):
+    def __init__(self, spec: Preprocess, augment=None, resampler: BalancedResampler | None = None):
         self.train = augment is not None
         self.transform = train_transform(spec, augment) if self.train else eval_transform(spec)
         self.min_size = decode_size(spec, self.train)
+        self.crop = spec.crop
+        self.resampler = resampler
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = (
+            self.resampler(batch["image"], batch["label"])
+            if self.resampler is not None
+            else range(len(batch["label"]))
+        )
         images = []
         labels: list[int] = []
-        for data, label in zip(batch["image"], batch["label"]):
+        for i in rows:
             try:
                 # Shards were checked at ingest; the blank check would only repeat that work.
-                image = decode_image(data, min_size=self.min_size, max_one_colour=None)
+                image = decode_image(batch["image"][i], min_size=self.min_size, max_one_colour=None)
             except DecodeError:
                 continue
             images.append(self.transform(image))
-            labels.append(int(label))
+            labels.append(int(batch["label"][i]))
         if not images:
-            crop = (
-                self.transform.transforms[0].size
-                if self.train
-                else self.transform.transforms[1].size
-            )
             return {
-                "image": torch.empty((0, 3, *crop), dtype=torch.uint8),
+                "image": torch.empty((0, 3, self.crop, self.crop), dtype=torch.uint8),
                 "label": torch.empty(0, dtype=torch.long),
             }
         return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long)}

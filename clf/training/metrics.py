@@ -54,3 +54,36 @@ def plot_curves(run: str) -> str | None:
     uri = storage.join(run, "curves.png")
     storage.write_bytes(uri, buffer.getvalue())
     return uri
+
+
+class TensorBoard:
+    """Per-epoch scalars as TensorBoard event files under ``RUN/tensorboard``.
+
+    The writer needs a local folder, so for an ``s3://`` run the events are written to a temporary
+    folder and its files are copied up after every epoch.
+    """
+
+    SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
+
+    def __init__(self, run: str):
+        import tempfile
+
+        from tensorboardX import SummaryWriter
+
+        self.remote = storage.join(run, "tensorboard") if run.startswith("s3://") else None
+        logdir = (
+            tempfile.mkdtemp(prefix="clf-tb-") if self.remote else storage.join(run, "tensorboard")
+        )
+        self.logdir = logdir
+        self.writer = SummaryWriter(logdir)
+
+    def log(self, row: dict[str, Any]) -> None:
+        for key in self.SCALARS:
+            self.writer.add_scalar(key, row[key], global_step=row["epoch"] + 1)
+        self.writer.flush()
+        if self.remote:
+            import os
+
+            for name in os.listdir(self.logdir):
+                with open(os.path.join(self.logdir, name), "rb") as f:
+                    storage.write_bytes(storage.join(self.remote, name), f.read())

@@ -34,7 +34,17 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
         spec = spec.with_size(cfg.data.input_size)
     if cfg.data.norm == "imagenet":
         spec = Preprocess(spec.input_size, spec.resize, spec.interpolation)
+    elif cfg.data.norm == "dataset":
+        from clf.training.data import channel_stats
+
+        spec = channel_stats(cfg.data.path, spec)
     return spec
+
+
+def class_counts(manifest: dict[str, Any], classes: list[str]) -> list[int]:
+    """Train images per class, in class-index order."""
+    counts = manifest["counts"]["train"]
+    return [int(counts.get(name, 0)) for name in classes]
 
 
 def check(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
@@ -98,6 +108,8 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
         ),
         "val": read_split(cfg.data.path, "val", cfg.data.read_cpus),
     }
+    if cfg.data.norm == "dataset":
+        progress(f"[train] train-split statistics: mean {spec.mean}, std {spec.std}")
     progress(
         f"[train] {cfg.model.name} on {n_train} images, {len(classes)} classes, {cfg.workers} workers "
         f"({'GPU' if gpu else 'CPU'}), {cfg.epochs} epochs, strategy {cfg.model.strategy}"
@@ -110,6 +122,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
             "preprocess": spec.to_meta(),
             "run": run,
             "steps_per_epoch": steps_per_epoch,
+            "class_counts": class_counts(manifest, classes),
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -183,7 +196,7 @@ def export_run(
     state = checkpoint.load_state_uri(folder)
     classes = resolved["classes"]
     model = models.create_model(resolved["model"]["name"], len(classes))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))  # the EMA weights were the ones scored
     epoch_metrics = {r["epoch"]: r for r in metrics.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")
     artifact.export(

@@ -1,0 +1,154 @@
+"""The training recipe's parts, without Ray: groups, schedules, sampling, mixing, statistics."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import HYMENOPTERA
+from PIL import Image
+
+from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
+from clf.ingest import IngestConfig, ingest
+from clf.models import create_model, head_parameter_names
+from clf.training.data import BalancedResampler, balanced_weights, channel_stats
+from clf.training.loop import should_stop
+from clf.training.optim import lr_factor, param_groups
+from clf.training.preview import preview_augmentations
+from clf.transforms import Preprocess, batch_mixer
+
+
+@pytest.fixture(scope="module")
+def hymenoptera_shards(tmp_path_factory) -> str:
+    dst = str(tmp_path_factory.mktemp("shards"))
+    ingest(IngestConfig(src=str(HYMENOPTERA), dst=dst))
+    return dst
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    model = create_model("small_cnn", 3)
+    groups = param_groups(model, lr=0.1, weight_decay=0.05)
+    for group in groups:
+        assert all((p.ndim > 1) == (group["weight_decay"] > 0) for p in group["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_discriminative_lr_decays_with_depth_below_the_head():
+    model = create_model("mobilenet_v2", 2)
+    groups = param_groups(model, lr=1.0, weight_decay=0.0, discriminative_lr=0.5, layer_groups=3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    heads = head_parameter_names(model)
+    assert {lr_of[id(named[n])] for n in heads} == {1.0}
+    assert lr_of[id(named["features.0.0.weight"])] == 0.125  # the stem: three groups down
+    assert lr_of[id(named["features.18.0.weight"])] == 0.5  # the last block: next to the head
+    assert sorted({g["lr"] for g in groups}) == [0.125, 0.25, 0.5, 1.0]
+
+
+def test_frozen_parameters_are_left_out_of_the_optimizer():
+    model = create_model("small_cnn", 3)
+    heads = head_parameter_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad = name in heads
+    groups = param_groups(model, 0.1, 0.0, discriminative_lr=0.5)
+    assert sum(len(g["params"]) for g in groups) == len(heads)
+
+
+def schedule(**keys) -> list[float]:
+    factor = lr_factor(ScheduleConfig(**keys), steps_per_epoch=10, epochs=10)
+    return [factor(step) for step in range(100)]
+
+
+def test_warmup_then_cosine_rises_linearly_and_decays_to_zero():
+    lrs = schedule(name="cosine", warmup_epochs=1)
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.001
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_epochs():
+    lrs = schedule(name="step", step_epochs=3, gamma=0.1)
+    assert lrs[29] == 1.0 and lrs[30] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.001)
+
+
+def test_onecycle_rises_to_the_peak_then_anneals_far_below_the_start():
+    lrs = schedule(name="onecycle", onecycle_pct_start=0.3)
+    assert lrs[0] == pytest.approx(1 / 25)
+    assert max(lrs) == pytest.approx(1.0) and int(np.argmax(lrs)) == 30
+    last = lr_factor(ScheduleConfig(name="onecycle"), steps_per_epoch=10, epochs=10)(100)
+    assert last == pytest.approx(1 / 25e4)
+
+
+def test_balanced_weights_are_sklearns():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.array([0] * 100 + [1] * 10 + [2] * 30)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    np.testing.assert_allclose(balanced_weights([100, 10, 30]), expected)
+
+
+def test_balanced_resampler_sees_every_class_equally_often_and_keeps_the_epoch_length():
+    labels = np.array([0] * 500 + [1] * 50)  # 10:1
+    images = np.array([b"x" * (i % 97 + 1) for i in range(len(labels))], dtype=object)
+    resampler = BalancedResampler([500, 50], seed=0)
+    order = np.random.default_rng(0).permutation(len(labels))
+    images, labels = images[order], labels[order]
+    batches = [slice(i, i + 55) for i in range(0, len(labels), 55)]
+    drawn = np.concatenate([labels[b][resampler(images[b], labels[b])] for b in batches])
+    counts = np.bincount(drawn, minlength=2)
+    assert abs(counts[0] - counts[1]) < 0.15 * counts.sum()
+    assert 0.85 * len(labels) < counts.sum() < 1.15 * len(labels)
+
+
+def test_balanced_resampler_is_seeded_by_run_epoch_and_batch():
+    labels = np.array([0] * 40 + [1] * 4)
+    images = np.array([b"a" * (i + 1) for i in range(44)], dtype=object)
+    first, again = BalancedResampler([40, 4], 7), BalancedResampler([40, 4], 7)
+    assert np.array_equal(first(images, labels), again(images, labels))
+    again.epoch = 1
+    assert not np.array_equal(first(images, labels), again(images, labels))
+
+
+@pytest.mark.parametrize("keys", [{"mixup": 0.2}, {"cutmix": 1.0}, {"mixup": 0.2, "cutmix": 1.0}])
+def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one(keys):
+    mixer = batch_mixer(AugmentConfig(**keys), num_classes=4)
+    images, targets = mixer(torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3] * 2))
+    assert images.shape == (8, 3, 16, 16) and targets.shape == (8, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(torch.randn(8, 4), targets)
+    assert torch.isfinite(loss)
+
+
+def test_no_mixing_is_configured_by_default():
+    assert batch_mixer(AugmentConfig(), num_classes=4) is None
+
+
+def test_early_stopping_waits_for_patience_epochs_without_improvement():
+    cfg = from_dict(TrainConfig, merge(to_dict(TrainConfig()), {"early_stopping": 2}))
+    assert not should_stop(cfg, epoch=3, best_epoch=2)
+    assert should_stop(cfg, epoch=4, best_epoch=2)
+    assert not should_stop(TrainConfig(), epoch=40, best_epoch=0)
+
+
+def test_dataset_statistics_are_measured_on_real_train_images(hymenoptera_shards):
+    spec = channel_stats(hymenoptera_shards, Preprocess(64, 72), limit=64)
+    assert spec.input_size == 64
+    assert all(0.3 < m < 0.6 for m in spec.mean)  # outdoor photos: mid-grey on average
+    assert all(0.15 < s < 0.35 for s in spec.std)
+    assert spec.mean != Preprocess().mean
+
+
+def test_augmentation_preview_is_a_grid_of_eval_and_augmented_views(hymenoptera_shards, tmp_path):
+    cfg = from_dict(
+        TrainConfig,
+        merge(
+            to_dict(TrainConfig()),
+            {"data.path": hymenoptera_shards, "augment.auto": "trivial", "augment.mixup": 0.4},
+        ),
+    )
+    png = preview_augmentations(cfg, Preprocess(64, 72), str(tmp_path / "aug.png"), images=4)
+    image = Image.open(io.BytesIO(open(png, "rb").read()))
+    # 8 columns (eval view + 7 augmented) and 4 image rows plus the mixed row, 2 px padding.
+    assert image.size == (8 * 66 + 2, 5 * 66 + 2)
