@@ -223,6 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_acc": val_acc,
             "lr": phase.optimizer.param_groups[0]["lr"],
             "images_per_s": float(totals[2]) / train_seconds,
+            "train_seconds": train_seconds,
             "epoch_seconds": time.monotonic() - started,
             "start_epoch": start_epoch,
             "world_size": world,
