@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin
 from clf.errors import UsageError
 
 Device = Literal["auto", "cpu", "cuda"]
+BASELINE_MODEL = "hog_svm"  # the classical baseline's name wherever a model name is taken
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
 
 
 @dataclass
@@ -137,7 +139,7 @@ class IngestConfig:
     test_fraction: float = 0.0  # used when the source has no test/ folder
     seed: int = 0
     shard_size: int = 1000  # images per Parquet shard
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
 
     def validate(self) -> IngestConfig:
@@ -162,7 +164,7 @@ class LabelConfig:
     gpus_per_actor: float = 1.0
     device: Device = "auto"
     skip_existing: bool = False
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     decode_batch_size: int = 32  # images per CPU decode task
 
     def validate(self) -> LabelConfig:
@@ -170,6 +172,48 @@ class LabelConfig:
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
         return self
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = ""  # artifact folder or URI, or "hog_svm" (fit on ``train`` first)
+    data: str = ""  # a split of jobs.ingest shards, DST/test; classes.json sits in DST
+    output: str = ""  # folder or prefix for the report files
+    top_k: int = 5
+    batch_size: int = 64  # images per inference call
+    actors: int | None = None  # None: one per GPU, or a CPU-sized pool
+    gpus_per_actor: float = 1.0
+    device: Device = "auto"
+    diagnostics: bool = False  # also filters.png and confident_mistakes.png
+    train: str | None = None  # hog_svm: the training split, DST/train
+    baseline_size: int = 64  # hog_svm: HOG image side
+    confused_pairs: int = 20
+    mistakes: int = 16  # images in confident_mistakes.png
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_batch_size: int = 32  # images per CPU decode task
+
+    def validate(self) -> EvaluateConfig:
+        for key in ("model", "data", "output"):
+            if not getattr(self, key):
+                raise UsageError(f"--{key} is required")
+        for key in ("top_k", "batch_size", "confused_pairs", "mistakes", "decode_batch_size"):
+            if getattr(self, key) < 1:
+                raise UsageError(
+                    f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}"
+                )
+        if self.actors is not None and self.actors < 1:
+            raise UsageError(f"--actors must be at least 1, got {self.actors}")
+        if self.gpus_per_actor <= 0:
+            raise UsageError(f"--gpus-per-actor must be positive, got {self.gpus_per_actor}")
+        if self.baseline_size < 16:
+            raise UsageError(f"--baseline-size must be at least 16, got {self.baseline_size}")
+        if self.train and self.model != BASELINE_MODEL:
+            raise UsageError(f"--train is for --model {BASELINE_MODEL} only")
+        return self
+
+    @property
+    def fits_baseline(self) -> bool:
+        return self.model == BASELINE_MODEL
 
 
 # ---------------------------------------------------------------------------------------------

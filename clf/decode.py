@@ -13,7 +13,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 100_000_000
+from clf.config import DEFAULT_MAX_PIXELS
+
 # Real photos never have this share of pixels in one exact colour (the most uniform of
 # ../shared/data's 2,400 photos: 83%); blank scans and "image not found" placeholders do.
 DEFAULT_MAX_ONE_COLOUR = 0.9

@@ -1,0 +1,89 @@
+"""Pictures that show what a model learned and where it fails: first-layer filters, and the
+images it got wrong with the most confidence."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import ImageOps
+
+from clf import plots, storage
+from clf.decode import DecodeError, decode_image
+
+THUMBNAIL = 192
+
+
+def first_conv_weight(module: torch.nn.Module) -> np.ndarray | None:
+    """The first layer's kernels (out, in, kh, kw), or None if the model has no convolution.
+
+    An artifact is frozen TorchScript: freezing folds parameters into graph constants (and
+    batch norm into the conv), so its state_dict is empty and the graph is where to look.
+    """
+    if not isinstance(module, torch.jit.ScriptModule):
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                return layer.weight.detach().float().cpu().numpy()
+        return None
+    for tensor in module.state_dict().values():
+        if tensor.ndim == 4:
+            return tensor.detach().float().cpu().numpy()
+    for node in module.graph.nodes():
+        if node.kind() in ("aten::conv2d", "aten::_convolution"):
+            weight = node.inputsAt(1).toIValue()
+            if isinstance(weight, torch.Tensor) and weight.ndim == 4:
+                return weight.detach().float().cpu().numpy()
+    return None
+
+
+def filters_png(module: torch.nn.Module) -> bytes | None:
+    weight = first_conv_weight(module)
+    return None if weight is None else plots.filter_grid(weight)
+
+
+def confident_mistakes(labels: np.ndarray, probs: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` wrong predictions made with the highest probability, highest first."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probs[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")[:n]]
+
+
+def caption(true: str, predicted: str, probability: float) -> str:
+    return f"{_short(true)} / {_short(predicted)} ({probability:.2f})"
+
+
+def mistakes_png(images: Sequence[bytes], captions: Sequence[str]) -> bytes:
+    """A grid of the encoded ``images``, square-cropped, each under its caption."""
+    return plots.image_grid([thumbnail(data) for data in images], captions)
+
+
+def thumbnail(data: bytes, size: int = THUMBNAIL) -> np.ndarray:
+    try:
+        image = decode_image(data, min_size=size, max_one_colour=None)
+    except DecodeError:
+        return np.full((size, size, 3), 127, dtype=np.uint8)
+    return np.asarray(ImageOps.fit(image, (size, size)))
+
+
+def read_shard_images(refs: Sequence[tuple[str, str]]) -> list[bytes]:
+    """Encoded bytes of (shard URI, key) pairs, in order; reads only the shards and rows named."""
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for shard, key in refs:
+        wanted[shard].add(key)
+    found: dict[tuple[str, str], bytes] = {}
+    for shard, keys in wanted.items():
+        fs, path = storage.resolve(shard)
+        table = pq.read_table(
+            path, filesystem=fs, columns=["key", "image"], filters=[("key", "in", sorted(keys))]
+        )
+        for key, data in zip(table["key"].to_pylist(), table["image"].to_pylist()):
+            found[(shard, key)] = data
+    return [found.get(ref, b"") for ref in refs]
+
+
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"

@@ -1,0 +1,348 @@
+"""Evaluate a model artifact (or the HOG+SVM baseline) on a split of image shards.
+
+Pipeline (Ray Data), as in jobs.label: read the shards -> decode + resize in CPU tasks ->
+score in an actor pool that loads the artifact once per actor -> collect probabilities on the
+driver (a test split is at most ~100k rows) -> metrics and report files (clf.evaluation).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from clf import artifact, baseline, diagnostics, evaluation, runtime, storage
+from clf.config import EvaluateConfig
+from clf.errors import UsageError
+from clf.ingest import read_classes
+from clf.labeling import decode_batch
+from clf.transforms import Preprocess, normalize
+
+DECODE_MEMORY = 2**30  # bytes per decode task (measured: up to 1 GiB on full-size photos)
+
+
+@dataclass
+class Target:
+    """What ``check`` found: the model's meta and classes, and how the data's labels map to them."""
+
+    meta: dict[str, Any]
+    classes: list[str]  # the model's
+    label_map: np.ndarray  # data label id -> model class id
+    matched_by: str  # "name" or "position"
+    shards: list[str] = field(default_factory=list)
+    images: int = 0
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.meta.get("format") == baseline.NAME
+
+
+@dataclass
+class Scores:
+    """Per decodable image: its model-space label and probabilities; and what failed."""
+
+    labels: np.ndarray  # (N,) model class ids
+    probs: np.ndarray  # (N, C)
+    refs: list[tuple[str, str]]  # (shard URI, key) of each scored image
+    errors: dict[str, int]  # decode failure reason -> count
+
+
+@dataclass
+class EvaluateSummary:
+    output: str
+    model: str
+    images: int
+    decode_errors: dict[str, int]
+    metrics: dict[str, Any]
+    most_confused: list[dict[str, Any]]
+    matched_by: str
+    files: list[str]
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# Checks before Ray starts
+
+
+def check(cfg: EvaluateConfig) -> Target:
+    """Every flag and path, before any cluster or model work; raises ``UsageError``."""
+    cfg.validate()
+    if storage.exists(storage.join(cfg.data, "classes.json")):
+        raise UsageError(f"--data {cfg.data}: give one split of it, such as {cfg.data}/test")
+    shards = [f for f in storage.list_files(cfg.data) if f.endswith(".parquet")]
+    if not shards:
+        raise UsageError(f"--data {cfg.data}: no Parquet image shards (give DST/test)")
+    data_classes = read_classes(_parent(cfg.data))
+    if cfg.fits_baseline:
+        if not cfg.train:
+            raise UsageError(f"--model {baseline.NAME} needs --train DST/train to fit on")
+        if not any(f.endswith(".parquet") for f in storage.list_files(cfg.train)):
+            raise UsageError(f"--train {cfg.train}: no Parquet image shards")
+        train_classes = read_classes(_parent(cfg.train))
+        meta = {"format": baseline.NAME, "arch": baseline.NAME, "classes": train_classes}
+    else:
+        meta = artifact.read_meta(cfg.model)
+    label_map, matched_by = align_classes(data_classes, list(meta["classes"]))
+    images = sum(_row_count(s) for s in shards)
+    return Target(meta, list(meta["classes"]), label_map, matched_by, shards, images)
+
+
+def align_classes(data: list[str], model: list[str]) -> tuple[np.ndarray, str]:
+    """Map the data's label ids to the model's class ids: by name when every data class is a
+    model class, else by position when the counts agree (ImageNet wnid folders against
+    torchvision's class names)."""
+    index = {name: i for i, name in enumerate(model)}
+    if all(name in index for name in data) and len(index) == len(model):
+        return np.array([index[name] for name in data], dtype=np.int64), "name"
+    if len(data) == len(model):
+        return np.arange(len(data), dtype=np.int64), "position"
+    missing = next(name for name in data if name not in index)
+    raise UsageError(
+        f"--data has {len(data)} classes and the model {len(model)}, and class {missing!r} "
+        "is not one of the model's"
+    )
+
+
+def _parent(uri: str) -> str:
+    uri = storage.normalize(uri)
+    return (
+        "s3://" + posixpath.dirname(uri[5:]) if uri.startswith("s3://") else posixpath.dirname(uri)
+    )
+
+
+def _row_count(shard: str) -> int:
+    fs, path = storage.resolve(shard)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+# ------------------------------------------------------------------------------------------
+# The job
+
+
+def evaluate(cfg: EvaluateConfig, progress: Callable[[str], None] = print) -> EvaluateSummary:
+    started = time.monotonic()
+    target = check(cfg)
+    progress(
+        f"[evaluate] {target.images} images in {len(target.shards)} shards, "
+        f"{len(target.classes)} model classes (labels matched by {target.matched_by})"
+    )
+    if target.matched_by == "position":
+        progress("[evaluate] note: class names differ from the model's; matching by position")
+    if target.is_baseline:
+        scores = _score_baseline(cfg, target, progress)
+    else:
+        scores = _score_artifact(cfg, target, progress)
+    if scores.errors:
+        progress(f"[evaluate] {sum(scores.errors.values())} undecodable images left out")
+    report = evaluation.compute(
+        scores.labels,
+        scores.probs,
+        target.classes,
+        top_k=cfg.top_k,
+        pairs=cfg.confused_pairs,
+    )
+    pictures = _write_diagnostics(cfg, target, scores, progress) if cfg.diagnostics else []
+    seconds = time.monotonic() - started
+    extra = {
+        "model": {
+            "uri": cfg.model if cfg.fits_baseline else storage.normalize(cfg.model),
+            "arch": target.meta.get("arch"),
+            "sha256": target.meta.get("sha256"),
+            "trained_on": storage.normalize(cfg.train) if cfg.train else None,
+        },
+        "data": storage.normalize(cfg.data),
+        "labels_matched_by": target.matched_by,
+        "inputs": target.images,
+        "decode_errors": scores.errors,
+        "seconds": round(seconds, 2),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    content = evaluation.write(report, cfg.output, extra, also=pictures)
+    return EvaluateSummary(
+        output=storage.normalize(cfg.output),
+        model=extra["model"]["uri"],
+        images=len(scores.labels),
+        decode_errors=scores.errors,
+        metrics=report.metrics,
+        most_confused=report.most_confused,
+        matched_by=target.matched_by,
+        files=content["files"],
+        seconds=seconds,
+    )
+
+
+def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
+    if cfg.fits_baseline:
+        model = baseline.fit_on_shards(cfg.train, target.classes, cfg.baseline_size, progress)
+    else:
+        model = baseline.HogSvm.load(cfg.model)
+    rows = baseline.featurize_shards(cfg.data, model.size)
+    progress(f"[evaluate] {len(rows.labels)} images scored by {baseline.NAME}")
+    refs = [ref for ref, ok in zip(zip(rows.shards, rows.keys), rows.ok) if ok]
+    return Scores(
+        labels=target.label_map[rows.labels],
+        probs=model.predict_proba(rows.x) if len(rows.x) else np.zeros((0, len(target.classes))),
+        refs=refs,
+        errors=dict(Counter(e for e in rows.errors if e).most_common()),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Ray Data pipeline
+
+
+def decode_rows(batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int) -> dict:
+    """CPU task: jobs.label's decode, keeping each row's label and shard."""
+    out = decode_batch({"uri": batch["key"], "image": batch["image"]}, preprocess, max_pixels)
+    return {
+        "key": batch["key"],
+        "path": batch["path"],
+        "label": batch["label"],
+        "pixels": out["pixels"],
+        "error": out["error"],
+    }
+
+
+class Scorer:
+    """Actor: loads the artifact once, then turns pixel batches into class probabilities."""
+
+    def __init__(self, model_uri: str, prefer_gpu: bool):
+        import torch
+
+        self.torch = torch
+        self.device = runtime.torch_device(prefer_gpu)
+        self.artifact = artifact.load(model_uri, self.device)
+        self.num_classes = len(self.artifact.classes)
+        self.cuda = self.device.type == "cuda"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        probs = np.zeros((len(ok), self.num_classes), dtype=np.float32)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            if self.cuda:
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
+            ):
+                logits = self.artifact.module(normalize(pixels, self.artifact.preprocess))
+            probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return {
+            "key": batch["key"],
+            "path": batch["path"],
+            "label": batch["label"],
+            "probs": probs,
+            "error": batch["error"],
+        }
+
+
+def pool_size(cfg: EvaluateConfig, gpu: bool) -> int:
+    if cfg.actors:
+        return cfg.actors
+    if gpu:
+        return max(1, runtime.gpu_actor_slots(cfg.gpus_per_actor))
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 4)
+
+
+def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpu = runtime.use_gpu(cfg.device)
+    actors = pool_size(cfg, gpu)
+    fs, _ = storage.resolve(target.shards[0])
+    prefix = "s3://" if target.shards[0].startswith("s3://") else ""
+    ds = ray.data.read_parquet(
+        [storage.resolve(s)[1] for s in target.shards],
+        filesystem=fs,
+        columns=["key", "image", "label"],
+        include_paths=True,
+        num_cpus=0.25,
+    )
+    ds = ds.map_batches(
+        decode_rows,
+        fn_kwargs={
+            "preprocess": Preprocess.from_meta(target.meta).to_meta(),
+            "max_pixels": cfg.max_pixels,
+        },
+        batch_size=cfg.decode_batch_size,
+        num_cpus=1,
+        # Reserving memory also makes the decode tasks' remote args differ from the scorers',
+        # which keeps Ray from fusing them, so the model never waits on JPEG decoding.
+        memory=DECODE_MEMORY,
+    ).map_batches(
+        Scorer,
+        fn_constructor_kwargs={"model_uri": cfg.model, "prefer_gpu": gpu},
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=actors),
+        num_gpus=cfg.gpus_per_actor if gpu else 0,
+        num_cpus=1 if not gpu else None,
+    )
+    progress(
+        f"[evaluate] {target.images} images -> {actors} scorer actor(s) on {'GPU' if gpu else 'CPU'}"
+    )
+    labels, probs, refs, errors = [], [], [], Counter()
+    done, next_report, started = 0, max(1, target.images // 10), time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        errors.update(e for e in batch["error"] if e)
+        labels.append(batch["label"][ok].astype(np.int64))
+        probs.append(batch["probs"][ok])
+        refs += [(prefix + p, k) for p, k, good in zip(batch["path"], batch["key"], ok) if good]
+        done += len(ok)
+        if done >= next_report:
+            rate = done / (time.monotonic() - started)
+            progress(f"[evaluate] {done}/{target.images} images scored ({rate:.1f} img/s)")
+            next_report += max(1, target.images // 10)
+    num_classes = len(target.classes)
+    return Scores(
+        labels=target.label_map[np.concatenate(labels)] if labels else np.zeros(0, np.int64),
+        probs=np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32),
+        refs=refs,
+        errors=dict(errors.most_common()),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+def _write_diagnostics(
+    cfg: EvaluateConfig, target: Target, scores: Scores, progress: Callable[[str], None]
+) -> list[str]:
+    written = []
+    if not target.is_baseline:
+        png = diagnostics.filters_png(artifact.load(cfg.model).module)
+        if png:
+            storage.write_bytes(storage.join(cfg.output, "filters.png"), png)
+            written.append("filters.png")
+    picked = diagnostics.confident_mistakes(scores.labels, scores.probs, cfg.mistakes)
+    if len(picked):
+        predicted = scores.probs[picked].argmax(axis=1)
+        captions = [
+            diagnostics.caption(
+                target.classes[scores.labels[i]], target.classes[p], scores.probs[i, p]
+            )
+            for i, p in zip(picked, predicted)
+        ]
+        images = diagnostics.read_shard_images([scores.refs[i] for i in picked])
+        png = diagnostics.mistakes_png(images, captions)
+        storage.write_bytes(storage.join(cfg.output, "confident_mistakes.png"), png)
+        written.append("confident_mistakes.png")
+    progress(f"[evaluate] diagnostics: {', '.join(written) or 'nothing to draw'}")
+    return written
