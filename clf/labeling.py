@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,8 @@ LABEL_SCHEMA = pa.schema(
     ]
 )
 JOB_FILE = "_job.json"
+# What storage.write_bytes leaves behind when killed between its write and its rename.
+TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -69,7 +73,12 @@ class LabelSummary:
 def list_inputs(uri: str) -> Inputs:
     if not storage.exists(uri) and not storage.is_dir(uri):
         raise UsageError(f"--input {uri}: no such file, folder or prefix")
-    files = [uri] if not storage.is_dir(uri) else storage.list_files(uri)
+    if storage.is_dir(uri):
+        files = storage.list_files(uri)
+    elif storage.is_file(uri):
+        files = [uri]
+    else:  # a pipe or a socket would block the first read forever
+        raise UsageError(f"--input {uri}: not a regular file, folder or prefix")
     files = [f for f in files if not f.endswith(("manifest.json", "classes.json"))]
     if files and all(f.endswith(".parquet") for f in files):
         uris = []
@@ -82,7 +91,14 @@ def list_inputs(uri: str) -> Inputs:
 
 
 def committed_files(output: str) -> list[str]:
+    """Only renamed-into-place files count: a temp file left by a kill is never output."""
     return [f for f in storage.list_files(output, recursive=False) if f.endswith(".parquet")]
+
+
+def _remove_temp_files(output: str) -> None:
+    for uri in storage.list_files(output, recursive=False):
+        if TEMP_FILE.search(uri):
+            storage.delete(uri)
 
 
 def covered_uris(output: str) -> set[str]:
@@ -99,7 +115,9 @@ def read_rows(output: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def _check_job(cfg: LabelConfig, model_id: str) -> None:
-    """The same command resumes; a different job writing into the same output must say so."""
+    """The same command resumes: it labels only the inputs no committed file covers. Another
+    job (other input, model or top-k) may add to an output only with ``--skip-existing``, and
+    then too labels only what is not covered yet; rows already there are never redone."""
     job = {"input": storage.normalize(cfg.input), "model": model_id, "top_k": cfg.top_k}
     uri = storage.join(cfg.output, JOB_FILE)
     if storage.exists(uri):
@@ -223,6 +241,11 @@ def _datasink(output: str):
 
 def check(cfg: LabelConfig) -> dict[str, Any]:
     """Flag checks before Ray starts; returns the artifact's meta."""
+    share = cfg.gpus_per_actor
+    if not math.isfinite(share) or share <= 0 or (share > 1 and share != int(share)):
+        raise UsageError(
+            f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
+        )
     cfg.validate()
     if not cfg.output:
         raise UsageError("--output is required")
@@ -235,8 +258,11 @@ def check(cfg: LabelConfig) -> dict[str, Any]:
 def pool_size(cfg: LabelConfig, gpu: bool) -> int:
     if cfg.actors:
         return cfg.actors
-    if gpu:
-        return max(1, int(runtime.cluster_gpus() / cfg.gpus_per_actor))
+    if gpu:  # one actor per GPU, or per share of one; ActorPoolStrategy(size=n) starts all n
+        slots = runtime.gpu_actor_slots(cfg.gpus_per_actor)
+        if slots == 0:
+            raise UsageError(f"--gpus-per-actor {cfg.gpus_per_actor}: no node has that many GPUs")
+        return slots
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 2)) // 4)
@@ -250,6 +276,7 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
     meta = check(cfg)
     model_id = meta["sha256"][:12]
     _check_job(cfg, model_id)
+    _remove_temp_files(cfg.output)
     inputs = list_inputs(cfg.input)
     covered = covered_uris(cfg.output)
     todo = [u for u in inputs.uris if u not in covered]
@@ -290,7 +317,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(size=actors),
             num_gpus=cfg.gpus_per_actor if gpu else 0,
-            num_cpus=1 if not gpu else None,
+            # Held, not just needed to schedule: the actor feeds its device and writes no
+            # less on GPU, and decode tasks must not crowd in beside it.
+            num_cpus=1,
         )
         progress(
             f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}"
@@ -314,23 +343,69 @@ def _decode_task_args() -> dict:
     return {"max_retries": 3}
 
 
+def shard_plan(inputs: Inputs, todo: set[str]) -> tuple[list[str], dict[str, frozenset[str]]]:
+    """The shards to read, and the wanted keys of those only partly to do.
+
+    A shard wholly to do (every shard on a first run) is read as it is; one that an earlier
+    run partly covered is filtered by key, and a shard already done is not read at all.
+    """
+    keys: dict[str, list[str]] = defaultdict(list)
+    for uri in inputs.uris:
+        shard, key = uri.split("#", 1)
+        keys[shard].append(key)
+    read, partial = [], {}
+    for shard, shard_keys in keys.items():
+        wanted = frozenset(k for k in shard_keys if f"{shard}#{k}" in todo)
+        if wanted:
+            read.append(shard)
+        if wanted and len(wanted) < len(shard_keys):
+            partial[storage.resolve(shard)[1]] = wanted
+    return read, partial
+
+
+def select_shard_rows(
+    batch: dict[str, np.ndarray], prefix: str, partial: dict[str, frozenset[str]]
+) -> dict[str, np.ndarray]:
+    """``path`` + ``key`` -> ``uri``, keeping the rows of partly covered shards still to do."""
+    uris = np.array([f"{prefix}{p}#{k}" for p, k in zip(batch["path"], batch["key"])], dtype=object)
+    keep = np.array(
+        [p not in partial or k in partial[p] for p, k in zip(batch["path"], batch["key"])],
+        dtype=bool,
+    )
+    if keep.all():
+        return {"uri": uris, "image": batch["image"]}
+    return {"uri": uris[keep], "image": batch["image"][keep]}
+
+
+_PARTIAL_CACHE: dict[str, dict[str, frozenset[str]]] = {}
+
+
+def _partial_keys(ref) -> dict[str, frozenset[str]]:
+    """Fetched once per worker process and job (keyed by the ref's id, so it pins nothing)."""
+    import ray
+
+    if ref.hex() not in _PARTIAL_CACHE:
+        _PARTIAL_CACHE.clear()
+        _PARTIAL_CACHE[ref.hex()] = ray.get(ref)
+    return _PARTIAL_CACHE[ref.hex()]
+
+
 def _shard_rows(inputs: Inputs, todo: set[str]):
     import ray
 
-    shards = sorted({u.split("#", 1)[0] for u in todo})
+    shards, partial = shard_plan(inputs, todo)
     fs, _ = storage.resolve(shards[0])
     paths = [storage.resolve(s)[1] for s in shards]
-    prefix = "s3://" if shards[0].startswith("s3://") else ""
-    todo_ref = ray.put(todo)
+    prefix = "s3://" if storage.normalize(shards[0]).startswith("s3://") else ""
+    partial_paths = frozenset(partial)  # small: travels with the function
+    partial_ref = ray.put(partial) if partial else None
 
     def to_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        wanted = ray.get(todo_ref)
-        uris = np.array(
-            [f"{prefix}{p}#{k}" for p, k in zip(batch["path"], batch["key"])], dtype=object
-        )
-        keep = np.array([u in wanted for u in uris], dtype=bool)
-        return {"uri": uris[keep], "image": batch["image"][keep]}
+        if partial_ref is None or not partial_paths.intersection(batch["path"]):
+            return select_shard_rows(batch, prefix, {})
+        return select_shard_rows(batch, prefix, _partial_keys(partial_ref))
 
+    # batch_size=None: a block as read, so small shards are not merged into one big output file.
     return ray.data.read_parquet(
         paths, filesystem=fs, columns=["key", "image"], include_paths=True
-    ).map_batches(to_rows, batch_size=256)
+    ).map_batches(to_rows, batch_size=None)

@@ -44,8 +44,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         # Workers too: Ray Train and Ray Data log every report and plan at INFO.
         "logging_config": ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
     }
-    try:  # RAY_ADDRESS, or a `ray start --head` on this machine
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), **common)
+    try:
+        address = _cluster_address()
+        if address is None:
+            raise ConnectionError("no Ray cluster to join")
+        ray.init(address=address, **common)
     except ConnectionError:
         # None running: an embedded Ray. It serves this machine only, so it listens on loopback.
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **common)
@@ -57,10 +60,33 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         DataContext.get_current().enable_progress_bars = False
 
 
+def _cluster_address() -> str | None:
+    """``RAY_ADDRESS``, else the cluster of the last ``ray start`` on this machine, else None.
+
+    Not Ray's ``address="auto"``: that also joins any Ray it finds running here, such as
+    another process's embedded one, which ends when that process does.
+    """
+    from ray._private.services import find_bootstrap_address
+
+    return os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+
+
 def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def gpu_actor_slots(gpus_per_actor: float) -> int:
+    """How many actors of ``gpus_per_actor`` GPUs each fit the live nodes: a share of a GPU
+    never spans two nodes, so each node counts on its own (0.5 on two 1-GPU nodes: 4)."""
+    import ray
+
+    return sum(
+        int(node["Resources"].get("GPU", 0) / gpus_per_actor + 1e-6)
+        for node in ray.nodes()
+        if node.get("Alive")
+    )
 
 
 def use_gpu(device: str) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import time
 import uuid
 from functools import cache
 from typing import Any
@@ -18,7 +20,18 @@ import pyarrow.fs as pafs
 
 from clf.errors import StorageError
 
-S3_RETRY_ATTEMPTS = 10
+# Transient S3 faults (503 SlowDown, 500s, connection resets, truncated replies, timeouts) are
+# retried inside pyarrow by the AWS SDK; a permanent one (403, 404) is not, and surfaces at once
+# as a StorageError naming the URI. We use the SDK's "default" strategy, exponential backoff
+# from 50 ms: 12 attempts wait out about 100 s of throttling for each request. Not "standard":
+# its retry quota is shared by every request of a process, and under sustained faults (about
+# 15% of requests, measured through tests/faultproxy.py) it runs dry and fails requests on their
+# first error, which a long label or training job must not do. On top of this, Ray Data retries
+# its own Parquet reads (DataContext.retried_io_errors: Ray's defaults already match SLOW_DOWN,
+# NETWORK_CONNECTION, INTERNAL_FAILURE and 503, so we keep them).
+S3_RETRY_ATTEMPTS = 12
+S3_CONNECT_TIMEOUT_S = 10
+S3_REQUEST_TIMEOUT_S = 60
 
 
 def is_remote(uri: str) -> bool:
@@ -37,27 +50,42 @@ def normalize(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _s3() -> pafs.S3FileSystem:
+class S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with our retry settings, also after pickling.
+
+    Arrow's S3FileSystem reads the credential chain but not AWS_ENDPOINT_URL, so we pass the
+    standard variable on. And Arrow pickles it without its ``retry_strategy``: the copies that
+    Ray Train (``storage_filesystem``) and Ray Data (``read_parquet(filesystem=...)``) ship to
+    their workers would fall back to 3 attempts. This one is rebuilt through ``_s3_for``.
+    """
+
+    def __init__(self, endpoint: str | None):
+        options = {}
+        if endpoint:
+            options = {
+                "endpoint_override": endpoint,
+                "scheme": "https" if endpoint.startswith("https") else "http",
+                "force_virtual_addressing": False,
+            }
+        super().__init__(
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            request_timeout=S3_REQUEST_TIMEOUT_S,
+            **options,
+        )
+        self.endpoint = endpoint
+
+    def __reduce__(self):
+        return _s3_for, (self.endpoint,)
+
+
+def _s3() -> S3FileSystem:
     return _s3_for(os.environ.get("AWS_ENDPOINT_URL"))
 
 
 @cache
-def _s3_for(endpoint: str | None) -> pafs.S3FileSystem:
-    # Arrow's S3FileSystem reads the credential chain but not AWS_ENDPOINT_URL, so we pass the
-    # standard variable on; patient retries ride out throttling (503 SlowDown) and resets.
-    options = {}
-    if endpoint:
-        options = {
-            "endpoint_override": endpoint,
-            "scheme": "https" if endpoint.startswith("https") else "http",
-            "force_virtual_addressing": False,
-        }
-    return pafs.S3FileSystem(
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
-        connect_timeout=10,
-        request_timeout=60,
-        **options,
-    )
+def _s3_for(endpoint: str | None) -> S3FileSystem:
+    return S3FileSystem(endpoint)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -101,21 +129,56 @@ def is_dir(uri: str) -> bool:
     return False
 
 
+def is_file(uri: str) -> bool:
+    """A regular file (or object): never a folder, pipe, socket or dangling link."""
+    info = _info(uri)
+    return info.type == pafs.FileType.File and _regular(info)
+
+
 def list_files(uri: str, *, recursive: bool = True, limit: int | None = None) -> list[str]:
     """Regular files under a folder or prefix, as sorted full URIs.
 
-    Directories, pipes and sockets are never returned. A dangling symlink reports NotFound
-    in pyarrow, so it is never returned either.
+    Only regular files, or links to them, are returned: never directories, pipes, sockets or
+    dangling links. Links to directories are not followed, so a link loop cannot make the
+    listing endless (the same rule as ``find`` and ``os.walk``).
     """
     fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = sorted(_walk_local(path, recursive))
+        return files[:limit] if limit is not None else files
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     try:
         infos = fs.get_file_info(selector)
     except OSError as e:
         raise StorageError(f"cannot list {uri}: {_short(e)}") from e
-    prefix = "s3://" if normalize(uri).startswith("s3://") else ""
-    files = sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and _regular(i))
+    files = sorted("s3://" + i.path for i in infos if i.type == pafs.FileType.File)
     return files[:limit] if limit is not None else files
+
+
+def _walk_local(root: str, recursive: bool) -> list[str]:
+    # os.scandir knows each entry's type from the directory itself, so a million plain files
+    # cost no stat calls; is_file() follows a link and is true only for a regular file.
+    files, folders = [], [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            if folder == root:
+                return []
+            continue  # removed while we listed
+        except OSError as e:
+            raise StorageError(f"cannot list {folder}: {_short(e)}") from e
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        folders.append(entry.path)
+                elif entry.is_file():
+                    files.append(entry.path)
+            except OSError:  # a link loop, or an entry removed while we listed
+                continue
+    return files
 
 
 def _regular(info: pafs.FileInfo) -> bool:
@@ -130,15 +193,27 @@ def _regular(info: pafs.FileInfo) -> bool:
     return True
 
 
+# The one transient fault the SDK cannot retry. Arrow reads a range into a buffer of exactly
+# that size, and the SDK writes an error reply's body there too: a 503 SlowDown's XML (about
+# 250 bytes) overflows a small read (classes.json, a checkpoint's meta.json), and the SDK then
+# reports a non-retryable INTERNAL_FAILURE. We retry those reads with the SDK's own backoff.
+_OVERFLOWED_ERROR_REPLY = "Failed to flush response stream"
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise StorageError(f"not found: {uri}") from e
-    except OSError as e:
-        raise StorageError(f"cannot read {uri}: {_short(e)}") from e
+    attempt = 0
+    while True:
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise StorageError(f"not found: {uri}") from e
+        except OSError as e:
+            attempt += 1
+            if _OVERFLOWED_ERROR_REPLY not in str(e) or attempt == S3_RETRY_ATTEMPTS:
+                raise StorageError(f"cannot read {uri}: {_short(e)}") from e
+            time.sleep(0.025 * 2**attempt)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -202,5 +277,20 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     return dest
 
 
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "status 403")
+
+
 def _short(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    """One line for a storage error; a 403 says so plainly, whatever pyarrow wrapped it in."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    if any(marker in text for marker in _DENIED):
+        code = re.search(r"AWS Error (\w+)", text)
+        return (
+            f"access denied ({code.group(1) if code else 'HTTP 403'}): "
+            "check the credentials and the bucket's policy"
+        )
+    if "NO_SUCH_BUCKET" in text:
+        return "no such bucket"
+    return text.splitlines()[0][:200]

@@ -20,9 +20,17 @@ def build_parser():
         "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
     )
     p.add_argument(
-        "--actors", type=cli.positive_int, help="predictor actors (default: one per GPU)"
+        "--actors",
+        type=cli.positive_int,
+        help="predictor actors (default: one per GPU, or per --gpus-per-actor share of one; "
+        "with no GPUs, one per 4 CPUs)",
     )
-    p.add_argument("--gpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=1.0,
+        help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
         "--skip-existing", action="store_true", help="label only inputs not yet under --output"

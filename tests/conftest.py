@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,24 @@ HYMENOPTERA = SHARED / "hymenoptera"
 IMAGENET_SAMPLES = SHARED / "imagenet-samples"
 CIFAR = SHARED / "cifar10-small"
 LARGE_PHOTOS = SHARED / "large-photos"
+
+
+def run_job(*args: str, env: dict[str, str] | None = None, timeout: int = 900):
+    """``python -m jobs.NAME ARGS`` from the repository root, as users run it."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_json(done: subprocess.CompletedProcess) -> dict:
+    """The one JSON line of a ``--json`` job that must have succeeded."""
+    assert done.returncode == 0, f"{done.args}\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def pytest_collection_modifyitems(items):
@@ -61,16 +80,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 API (moto server) on loopback, reached through AWS_ENDPOINT_URL."""
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free loopback port; ``env`` configures it (e.g. auth)."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -78,13 +104,23 @@ def s3_endpoint():
             break
         except OSError:
             time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
+    return server, f"http://127.0.0.1:{port}"
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto server) on loopback, reached through AWS_ENDPOINT_URL."""
+    server, url = start_moto()
+    env = {"AWS_ENDPOINT_URL": url, **S3_TEST_ENV}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield url
@@ -93,8 +129,26 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.terminate()
-    server.wait(10)
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def denying_s3_endpoint():
+    """A second moto server that checks credentials: the test's keys get 403 on every request."""
+    server, url = start_moto(INITIAL_NO_AUTH_ACTION_COUNT="0")
+    yield url
+    stop(server)
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """A proxy in front of the moto server that fails about 5% of requests (seeded): 503
+    SlowDown, connection resets, GET replies cut short. Point AWS_ENDPOINT_URL at ``.url``."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint, rate=0.05, seed=5).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture
@@ -104,3 +158,13 @@ def bucket(s3_endpoint, request) -> str:
     name = "clf-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def mobilenet_artifact(tmp_path_factory, mobilenet_weights) -> str:
+    """The pretrained ImageNet MobileNetV2 as a model artifact, as `jobs.export` makes it."""
+    from clf.exporting import from_pretrained
+
+    out = str(tmp_path_factory.mktemp("mobilenet-artifact"))
+    from_pretrained("mobilenet_v2", mobilenet_weights, "imagenet", out)
+    return out

@@ -117,6 +117,11 @@ def test_every_job_has_help(name):
             ],
             "must be at least 1",
         ),
+        (
+            ["jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l"]
+            + ["--gpus-per-actor", "1.5"],
+            "--gpus-per-actor 1.5: use a share of one GPU (0.5) or a whole number",
+        ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
     ],
 )

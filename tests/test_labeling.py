@@ -74,3 +74,67 @@ def test_shard_inputs_are_addressed_by_shard_and_key(tmp_path):
     inputs = list_inputs(str(tmp_path))
     assert inputs.kind == "shards"
     assert inputs.uris == [f"{tmp_path}/s.parquet#x/1.jpg", f"{tmp_path}/s.parquet#x/2.jpg"]
+
+
+def test_shard_plan_reads_only_shards_with_work_and_filters_only_partly_done_ones(tmp_path):
+    import pyarrow.parquet as pq
+
+    from clf.labeling import select_shard_rows, shard_plan
+
+    for name in ("a", "b", "c"):
+        keys = [f"{name}/{i}.jpg" for i in range(3)]
+        pq.write_table(pa.table({"key": keys, "image": [b""] * 3}), tmp_path / f"{name}.parquet")
+    inputs = list_inputs(str(tmp_path))
+    a, b = f"{tmp_path}/a.parquet", f"{tmp_path}/b.parquet"
+    todo = {u for u in inputs.uris if u.startswith(a)} | {f"{b}#b/1.jpg"}  # c is all done
+    read, partial = shard_plan(inputs, todo)
+    assert read == [a, b]
+    assert partial == {b: frozenset({"b/1.jpg"})}  # a is wholly to do: read as it is
+
+    batch = {
+        "path": np.array([a, a, b, b], dtype=object),
+        "key": np.array(["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"], dtype=object),
+        "image": np.array([b"0", b"1", b"2", b"3"], dtype=object),
+    }
+    rows = select_shard_rows(batch, "", partial)
+    assert rows["uri"].tolist() == [f"{a}#a/0.jpg", f"{a}#a/1.jpg", f"{b}#b/1.jpg"]
+    assert rows["image"].tolist() == [b"0", b"1", b"3"]
+    assert set(rows["uri"]) <= todo
+
+
+def test_a_pipe_given_as_input_is_refused_without_opening_it(tmp_path):
+    import os
+
+    from clf.errors import UsageError
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(UsageError, match="not a regular file"):
+        list_inputs(str(tmp_path / "pipe.jpg"))
+
+
+@pytest.mark.parametrize("share", [1.5, 0, -1, float("nan"), float("inf")])
+def test_gpus_per_actor_is_a_share_of_one_gpu_or_whole_gpus(small_artifact, tmp_path, share):
+    from clf.config import LabelConfig
+    from clf.errors import UsageError
+    from clf.labeling import check
+
+    cfg = LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "out"), gpus_per_actor=share)
+    with pytest.raises(UsageError, match="--gpus-per-actor"):
+        check(cfg)
+    for fine in (0.25, 0.5, 1.0, 2.0):
+        check(LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=fine))
+
+
+def test_a_temp_file_left_by_a_kill_is_never_output_and_is_cleaned(tmp_path):
+    import pyarrow.parquet as pq
+
+    from clf.labeling import _remove_temp_files, committed_files, read_rows
+
+    row = {f.name: [None] for f in LABEL_SCHEMA} | {"uri": ["a.jpg"], "model": ["m"]}
+    pq.write_table(pa.table(row, schema=LABEL_SCHEMA), tmp_path / "part-1.parquet")
+    left = tmp_path / "part-2.parquet.tmp-0123abcd"  # killed between write and rename
+    pq.write_table(pa.table(row, schema=LABEL_SCHEMA), left)
+    assert committed_files(str(tmp_path)) == [str(tmp_path / "part-1.parquet")]
+    assert read_rows(str(tmp_path)).num_rows == 1
+    _remove_temp_files(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-1.parquet"]

@@ -26,6 +26,23 @@ def test_listing_skips_pipes_and_dangling_links(tmp_path):
     assert storage.list_files(str(tmp_path)) == [str(tmp_path / "real.jpg")]
 
 
+def test_listing_follows_links_to_files_but_never_into_folders(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "real.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "d" / "real.jpg", tmp_path / "link.jpg")
+    os.symlink(tmp_path / "loop.jpg", tmp_path / "loop.jpg")  # ELOOP on open
+    os.symlink("..", tmp_path / "d" / "up")  # followed, the listing would never end
+    os.symlink(tmp_path / "d", tmp_path / "again")
+    assert storage.list_files(str(tmp_path)) == [
+        str(tmp_path / "d" / "real.jpg"),
+        str(tmp_path / "link.jpg"),
+    ]
+    assert storage.list_files(str(tmp_path), recursive=False) == [str(tmp_path / "link.jpg")]
+    assert storage.is_file(str(tmp_path / "link.jpg"))
+    assert not storage.is_file(str(tmp_path / "loop.jpg"))
+    assert not storage.is_file(str(tmp_path / "d"))
+
+
 def test_s3_roundtrip_through_aws_endpoint_url(bucket):
     storage.write_bytes(f"{bucket}/run/x.bin", b"abc")
     storage.write_json(f"{bucket}/run/sub/meta.json", {"a": [1, 2]})
