@@ -1,31 +1,27 @@
 """The model artifact: a folder that labels, evaluates and predicts without our training code.
 
-``meta.json`` describes the model (classes, preprocessing, provenance, sha256); the model file
-is TorchScript, which loads without the model's Python class and without running pickled code.
+``meta.json`` describes the model (classes, preprocessing, provenance) and lists its files, one
+per format (TorchScript, ONNX, int8 ONNX), each with its sha256. None of them needs the model's
+Python class, and none runs pickled code when loaded. ``format`` is the one loaded by default.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from clf import formats as fmts
 from clf import storage
 from clf.errors import ModelLoadError, UsageError
 from clf.transforms import Preprocess
 
-FORMATS = ("torchscript",)
-MODEL_FILES = {"torchscript": "model.ts"}
-PARITY_ATOL = 1e-4
-
-# TorchScript is deprecated upstream but remains the contract's pickle-free, class-free format.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+FORMATS = fmts.FORMATS
+RANDOM_SAMPLE = "random tensors (no real images given)"
 
 
 @dataclass
@@ -33,6 +29,7 @@ class Artifact:
     uri: str
     meta: dict[str, Any]
     module: Any  # a callable: float NCHW batch -> logits
+    format: str = "torchscript"
 
     @property
     def classes(self) -> list[str]:
@@ -44,7 +41,8 @@ class Artifact:
 
     @property
     def model_id(self) -> str:
-        return self.meta["sha256"][:12]
+        """The loaded file's sha256, first 12 hex characters."""
+        return file_sha256(self.meta, self.format)[:12]
 
 
 def export(
@@ -58,31 +56,39 @@ def export(
     source_run: str | None = None,
     metrics: dict[str, Any] | None = None,
     sample: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    sample_source: str | None = None,
+    min_int8_agreement: float | None = None,
 ) -> dict[str, Any]:
-    """Write the artifact; refuses (``ModelLoadError``) if the exported model disagrees with eager."""
+    """Write the artifact in every format of ``formats``; the first is the default one.
+
+    ``sample`` (normalized float NCHW, real images) is what each format is checked on, and what
+    int8 is calibrated on; ``labels``, if given, add the accuracy drop of int8 to meta.json.
+    Any check that fails raises ``ModelLoadError`` before anything is written.
+    """
     check_formats(formats)
-    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
-    example = (
-        sample
-        if sample is not None
-        else torch.randn(4, 3, preprocess.input_size, preprocess.input_size)
-    )
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example[:1], check_trace=False)
-        traced = torch.jit.freeze(traced)
-        expected, got = model(example), traced(example)
-    diff = float((expected - got).abs().max())
-    if diff > PARITY_ATOL or not torch.equal(expected.argmax(1), got.argmax(1)):
-        raise ModelLoadError(
-            f"torchscript export disagrees with eager (max |logit diff| {diff:.2e})"
+    if "int8" in formats and (sample is None or len(sample) < fmts.INT8_MIN_IMAGES):
+        raise UsageError(
+            f"int8 needs at least {fmts.INT8_MIN_IMAGES} real images to calibrate and check on, "
+            f"got {0 if sample is None else len(sample)} (give more with --sample)"
         )
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    blob = buffer.getvalue()
-    storage.write_bytes(storage.join(output, MODEL_FILES["torchscript"]), blob)
+    if sample is None:
+        sample = torch.randn(4, 3, preprocess.input_size, preprocess.input_size)
+        sample_source = RANDOM_SAMPLE
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
+    if min_int8_agreement is None:
+        min_int8_agreement = fmts.INT8_MIN_AGREEMENT
+    exported = fmts.export_all(model, formats, sample.float(), labels, min_int8_agreement)
+
+    meta_uri = storage.join(output, "meta.json")
+    storage.delete(meta_uri)  # an old meta.json must never describe the new files
+    for fmt, (blob, _) in exported.items():
+        storage.write_bytes(storage.join(output, fmts.FILES[fmt]), blob)
+    sha = {fmt: hashlib.sha256(blob).hexdigest() for fmt, (blob, _) in exported.items()}
     meta = {
-        "format": "torchscript",
-        "files": {"torchscript": MODEL_FILES["torchscript"]},
+        "format": formats[0],
+        "files": {fmt: fmts.FILES[fmt] for fmt in formats},
+        "file_sha256": sha,
         "arch": arch,
         "num_classes": len(classes),
         "classes": list(classes),
@@ -90,17 +96,31 @@ def export(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_run": source_run,
         "metrics": metrics or {},
-        "parity": {"torchscript": {"max_abs_logit_diff": diff, "images": int(example.shape[0])}},
-        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parity": {
+            "sample": sample_source or "given by the caller",
+            **{fmt: report for fmt, (_, report) in exported.items()},
+        },
+        "sha256": sha[formats[0]],
     }
-    storage.write_json(storage.join(output, "meta.json"), meta)  # last: marks a complete artifact
+    storage.write_json(meta_uri, meta)  # last: marks a complete artifact
     return meta
 
 
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``torchscript,onnx`` -> ("torchscript", "onnx"), checked."""
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    check_formats(formats)
+    return formats
+
+
 def check_formats(formats: tuple[str, ...]) -> None:
+    if not formats:
+        raise UsageError(f"--format: give at least one of {', '.join(FORMATS)}")
     for fmt in formats:
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    if len(set(formats)) != len(formats):
+        raise UsageError(f"--format {','.join(formats)}: a format is listed twice")
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -110,10 +130,24 @@ def read_meta(uri: str) -> dict[str, Any]:
     return storage.read_json(meta_uri)
 
 
-def load(uri: str, device: torch.device | str = "cpu") -> Artifact:
+def check_format_in(meta: dict[str, Any], uri: str, fmt: str | None) -> str:
+    """The format to load: ``fmt`` if the artifact has it, else its default."""
+    fmt = fmt or meta["format"]
+    if fmt not in meta["files"]:
+        raise UsageError(f"--format {fmt}: {uri} holds only {', '.join(meta['files'])}")
+    return fmt
+
+
+def file_sha256(meta: dict[str, Any], fmt: str) -> str:
+    # Artifacts from before several formats existed carry one sha256, of their one file.
+    return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
+
+
+def load(uri: str, device: torch.device | str = "cpu", format: str | None = None) -> Artifact:
+    """Load the artifact's default format, or ``format``; the file must match its sha256."""
     meta = read_meta(uri)
-    blob = storage.read_bytes(storage.join(uri, meta["files"][meta["format"]]))
-    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-        raise ModelLoadError(f"{uri}: model file does not match the sha256 in meta.json")
-    module = torch.jit.load(io.BytesIO(blob), map_location=device).eval()
-    return Artifact(storage.normalize(uri), meta, module)
+    fmt = check_format_in(meta, uri, format)
+    blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
+    if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
+        raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
+    return Artifact(storage.normalize(uri), meta, fmts.load_module(fmt, blob, device), fmt)

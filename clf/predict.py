@@ -10,29 +10,34 @@ from clf import artifact, storage
 from clf.decode import DecodeError, decode_image
 from clf.transforms import eval_transform, normalize
 
+BATCH = 32
 
-def predict(model_uri: str, images: list[str], top_k: int = 5) -> list[dict[str, Any]]:
-    loaded = artifact.load(model_uri)
+
+def predict(
+    model_uri: str, images: list[str], top_k: int = 5, format: str | None = None
+) -> dict[str, Any]:
+    """``{"model", "format", "results": [{"image", "error", "top": [{"label", "probability"}]}]}``."""
+    loaded = artifact.load(model_uri, format=format)
     spec = loaded.preprocess
     transform = eval_transform(spec)
-    results = []
-    for uri in images:
+    results: list[dict[str, Any]] = [{"image": uri, "error": None, "top": []} for uri in images]
+    pixels, rows = [], []
+    for row, uri in enumerate(images):
         try:
             image = decode_image(storage.read_bytes(uri), min_size=spec.resize)
         except (DecodeError, storage.StorageError) as e:
-            results.append({"image": uri, "error": str(e), "top": []})
+            results[row]["error"] = str(e)
             continue
+        pixels.append(transform(image))
+        rows.append(row)
+    k = min(top_k, len(loaded.classes))
+    for start in range(0, len(pixels), BATCH):
+        batch = normalize(torch.stack(pixels[start : start + BATCH]), spec)
         with torch.inference_mode():
-            logits = loaded.module(normalize(transform(image).unsqueeze(0), spec))
-        top = torch.softmax(logits, 1)[0].topk(min(top_k, len(loaded.classes)))
-        results.append(
-            {
-                "image": uri,
-                "error": None,
-                "top": [
-                    {"label": loaded.classes[i], "probability": round(float(p), 6)}
-                    for p, i in zip(top.values, top.indices)
-                ],
-            }
-        )
-    return results
+            top = torch.softmax(loaded.module(batch).float(), 1).topk(k)
+        for row, values, indices in zip(rows[start : start + BATCH], top.values, top.indices):
+            results[row]["top"] = [
+                {"label": loaded.classes[i], "probability": round(float(p), 6)}
+                for p, i in zip(values, indices)
+            ]
+    return {"model": loaded.model_id, "format": loaded.format, "results": results}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from clf import cli, models
-from clf.artifact import FORMATS, check_formats, read_meta
+from clf.artifact import FORMATS, parse_formats, read_meta
 from clf.errors import UsageError
+from clf.formats import INT8_MIN_AGREEMENT
 
 
 def build_parser():
@@ -15,40 +18,89 @@ def build_parser():
     p.add_argument(
         "--classes", help="with --model: classes file (.json or one per line) or 'imagenet'"
     )
-    p.add_argument("--format", default="torchscript", help=f"comma-separated: {','.join(FORMATS)}")
+    p.add_argument(
+        "--format",
+        default="torchscript",
+        help=f"comma-separated, the first is the default one loaded: {','.join(FORMATS)}",
+    )
+    p.add_argument(
+        "--sample",
+        help="images or Parquet shards to check parity on and calibrate int8 with "
+        "(default: the run's val split; with --model, photos shipped in scikit-image)",
+    )
+    p.add_argument(
+        "--min-int8-agreement",
+        type=cli.fraction,
+        default=INT8_MIN_AGREEMENT,
+        help=f"top-1 agreement of int8 with fp32 required (default {INT8_MIN_AGREEMENT})",
+    )
     p.add_argument("--output", required=True, help="artifact folder or s3:// prefix (ART)")
     return p
 
 
+def summary_lines(meta: dict[str, Any], output: str) -> list[str]:
+    lines = [
+        f"exported {meta['arch']} ({meta['num_classes']} classes) to {output}: "
+        f"{', '.join(meta['files'])} (default {meta['format']})",
+        f"parity checked on {meta['parity']['sample']}",
+    ]
+    for fmt in meta["files"]:
+        report = meta["parity"][fmt]
+        line = (
+            f"  {fmt:<12} max |logit diff| {report['max_abs_logit_diff']:.1e}, "
+            f"top-1 agreement {report['top1_agreement']:.1%}"
+        )
+        if "accuracy_drop" in report:
+            line += f", accuracy {report['accuracy_int8']:.1%} (fp32 {report['accuracy_fp32']:.1%})"
+        lines.append(f"{line}; sha256 {meta['file_sha256'][fmt][:12]}")
+    return lines
+
+
 def main() -> None:
     args = build_parser().parse_args()
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    check_formats(formats)
+    formats = parse_formats(args.format)
     if bool(args.run) == bool(args.model):
         raise UsageError("give either --run RUN, or --model NAME --pretrained PATH --classes FILE")
+    if args.sample:
+        from clf.exporting import check_sample_uri
+
+        check_sample_uri(args.sample)
+    elif args.model and "int8" in formats:
+        raise UsageError("--format int8 needs --sample: images from your domain to calibrate on")
     if args.run:
         from clf.training import export_run
 
-        meta = read_meta(export_run(args.run, output=args.output, formats=formats))
+        output = export_run(
+            args.run,
+            output=args.output,
+            formats=formats,
+            sample=args.sample,
+            min_int8_agreement=args.min_int8_agreement,
+        )
+        meta = read_meta(output)
     else:
         if not args.pretrained or not args.classes:
             raise UsageError("--model needs --pretrained PATH_OR_URI and --classes FILE|imagenet")
         models.check_model_name(args.model)
         from clf.exporting import from_pretrained
 
-        meta = from_pretrained(args.model, args.pretrained, args.classes, args.output, formats)
-    parity = meta["parity"][meta["format"]]["max_abs_logit_diff"]
-    lines = [
-        f"exported {meta['arch']} ({meta['num_classes']} classes) as {meta['format']} to {args.output}",
-        f"parity with eager: max |logit diff| {parity:.1e}; sha256 {meta['sha256'][:12]}",
-    ]
+        meta = from_pretrained(
+            args.model,
+            args.pretrained,
+            args.classes,
+            args.output,
+            formats,
+            sample=args.sample,
+            min_int8_agreement=args.min_int8_agreement,
+        )
     cli.emit(
         {
             "output": args.output,
-            **{k: meta[k] for k in ("format", "arch", "num_classes", "sha256")},
-            "parity": parity,
+            **{k: meta[k] for k in ("format", "files", "arch", "num_classes", "sha256")},
+            "parity": meta["parity"][meta["format"]]["max_abs_logit_diff"],
+            "parity_report": meta["parity"],
         },
-        lines,
+        summary_lines(meta, args.output),
         args.json,
     )
 

@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from clf import cli, storage
-from clf.artifact import read_meta
+from clf.artifact import FORMATS, check_format_in, read_meta
 from clf.errors import UsageError
 
 
 def build_parser():
     p = cli.parser("predict", __doc__)
     p.add_argument("--model", required=True, help="model artifact folder or URI (ART)")
-    p.add_argument("--top-k", type=cli.positive_int, default=5)
+    p.add_argument("--top-k", type=cli.positive_int, default=5, help="classes to show (default 5)")
+    p.add_argument(
+        "--format", choices=FORMATS, help="which of the artifact's files to run (default: its own)"
+    )
     p.add_argument("images", nargs="+", help="image files or URIs")
     return p
 
 
+def summary_lines(output: dict[str, Any]) -> list[str]:
+    lines = []
+    for result in output["results"]:
+        lines.append(result["image"])
+        if result["error"]:
+            lines.append(f"  error: {result['error']}")
+        width = max((len(top["label"]) for top in result["top"]), default=0)
+        for rank, top in enumerate(result["top"], 1):
+            lines.append(f"  {rank}. {top['label']:<{width}}  {top['probability']:7.2%}")
+    return lines
+
+
 def main() -> None:
     args = build_parser().parse_args()
-    read_meta(args.model)
+    check_format_in(read_meta(args.model), args.model, args.format)
     for image in args.images:
         if not storage.exists(image):
             raise UsageError(f"{image}: no such file")
     from clf.predict import predict
 
-    results = predict(args.model, args.images, args.top_k)
-    if args.json:
-        print(json.dumps(results))
-        return
-    for result in results:
-        print(result["image"])
-        if result["error"]:
-            print(f"  error: {result['error']}")
-        for rank, top in enumerate(result["top"], 1):
-            print(f"  {rank}. {top['label']:<30} {top['probability']:.4f}")
+    output = predict(args.model, args.images, args.top_k, args.format)
+    cli.emit(output, summary_lines(output), args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,15 @@ Re-running with the same --output resumes from the last checkpoint.
 from __future__ import annotations
 
 from clf import cli, runtime
-from clf.config import TrainConfig, from_dict, load_yaml, merge, parse_override, to_dict
+from clf.config import (
+    BASELINE_MODEL,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_override,
+    to_dict,
+)
 
 # flag -> config key; the flags scripts rely on (DESIGN.md) plus a few common ones.
 FLAG_KEYS = {
@@ -44,7 +52,9 @@ FLAG_KEYS = {
 def build_parser():
     p = cli.parser("train", __doc__)
     p.add_argument("--data", help="jobs.ingest output (DST)")
-    p.add_argument("--model", help="small_cnn, a torchvision or a timm model name")
+    p.add_argument(
+        "--model", help="small_cnn, a torchvision or a timm model name, or hog_svm (baseline)"
+    )
     p.add_argument("--output", help="run folder or s3:// prefix (RUN)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--epochs", type=int)
@@ -110,6 +120,19 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def train_baseline(cfg: TrainConfig, as_json: bool) -> None:
+    from clf import baseline, storage
+
+    model = storage.join(cfg.output, "model")
+    meta = baseline.train_baseline(cfg.data.path, model, progress=cli.progress(as_json))
+    val = meta["metrics"]
+    lines = [
+        f"fitted HOG+SVM -> {model}",
+        f"val accuracy {val.get('top1', float('nan')):.3f}, macro F1 {val.get('f1_macro', float('nan')):.3f}",
+    ]
+    cli.emit({"model": model, "val_acc": val.get("top1"), "metrics": val}, lines, as_json)
+
+
 def main() -> None:
     args = build_parser().parse_args()
     cfg = resolve(args)
@@ -117,6 +140,8 @@ def main() -> None:
     from clf.training.trainer import check, resolve_preprocess
 
     check(cfg)
+    if cfg.model.name == BASELINE_MODEL:  # the classical baseline: scikit-learn, no Ray
+        return train_baseline(cfg, args.json)
     if args.preview_augmentations:
         from clf import storage
         from clf.training.preview import preview_augmentations

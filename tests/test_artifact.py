@@ -1,16 +1,22 @@
-"""Artifacts are self-describing, match eager PyTorch, and refuse tampered model files."""
+"""Artifacts are self-describing, match eager PyTorch in every format on real images, and refuse
+tampered files and exports that fail their parity check."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import HYMENOPTERA, ROOT
 
-from clf import artifact
-from clf.errors import ModelLoadError
+from clf import artifact, formats
+from clf.errors import ModelLoadError, UsageError
+from clf.exporting import load_sample
 from clf.models import create_model
 from clf.transforms import Preprocess
 
 SPEC = Preprocess(input_size=32, resize=36)
+CLASSES = ["ants", "bees"]
 
 
 @pytest.fixture
@@ -21,6 +27,31 @@ def exported(tmp_path):
         model, str(tmp_path), arch="small_cnn", classes=["a", "b", "c"], preprocess=SPEC
     )
     return model, meta, tmp_path
+
+
+@pytest.fixture(scope="module")
+def val_sample():
+    """64 real hymenoptera val photos, with their labels."""
+    return load_sample(str(HYMENOPTERA / "val"), SPEC, CLASSES, limit=64)
+
+
+@pytest.fixture(scope="module")
+def all_formats(val_sample, tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 2).eval()
+    folder = tmp_path_factory.mktemp("all-formats")
+    meta = artifact.export(
+        model,
+        str(folder),
+        arch="small_cnn",
+        classes=CLASSES,
+        preprocess=SPEC,
+        formats=("onnx", "int8", "torchscript"),
+        sample=val_sample.images,
+        labels=val_sample.labels,
+        sample_source=val_sample.source,
+    )
+    return model, meta, folder
 
 
 def test_meta_describes_the_model(exported):
@@ -45,6 +76,7 @@ def test_meta_describes_the_model(exported):
     ):
         assert key in meta
     assert meta["num_classes"] == 3 and meta["crop"] == 32
+    assert meta["parity"]["sample"] == artifact.RANDOM_SAMPLE  # no real images were given
 
 
 def test_loaded_artifact_matches_eager(exported):
@@ -61,3 +93,216 @@ def test_tampered_model_file_is_refused(exported):
     (folder / "model.ts").write_bytes((folder / "model.ts").read_bytes() + b"\0")
     with pytest.raises(ModelLoadError, match="sha256"):
         artifact.load(str(folder))
+
+
+def test_one_folder_holds_every_format_each_with_its_sha256(all_formats):
+    _, meta, folder = all_formats
+    assert meta["format"] == "onnx"  # the first listed is the default
+    assert meta["files"] == {
+        "onnx": "model.onnx",
+        "int8": "model.int8.onnx",
+        "torchscript": "model.ts",
+    }
+    assert meta["sha256"] == meta["file_sha256"]["onnx"]
+    assert len(set(meta["file_sha256"].values())) == 3
+    assert all((folder / name).is_file() for name in meta["files"].values())
+    assert meta["parity"]["sample"] == "64 images from " + str(HYMENOPTERA / "val")
+
+
+def test_onnx_round_trip_matches_eager_on_real_images(all_formats, val_sample):
+    model, meta, folder = all_formats
+    assert meta["parity"]["onnx"]["max_abs_logit_diff"] <= formats.ONNX_ATOL == 1e-3
+    assert meta["parity"]["onnx"]["top1_agreement"] == 1.0
+    loaded = artifact.load(str(folder))
+    assert loaded.format == "onnx" and loaded.model_id == meta["sha256"][:12]
+    images = val_sample.images
+    with torch.inference_mode():
+        expected, got = model(images), loaded.module(images)
+        single = loaded.module(images[:1])  # the batch axis is dynamic
+    assert isinstance(got, torch.Tensor) and got.shape == (64, 2)
+    assert float((expected - got).abs().max()) <= 1e-3
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    assert torch.allclose(single, got[:1], atol=1e-5)
+
+
+def test_int8_agrees_with_fp32_and_records_the_accuracy_drop(all_formats, val_sample):
+    model, meta, folder = all_formats
+    report = meta["parity"]["int8"]
+    assert report["top1_agreement"] >= formats.INT8_MIN_AGREEMENT == 0.99
+    assert report["calibration_images"] == report["images"] == 32  # calibrated on half
+    assert report["accuracy_drop"] == pytest.approx(
+        report["accuracy_fp32"] - report["accuracy_int8"]
+    )
+    loaded = artifact.load(str(folder), format="int8")
+    assert loaded.format == "int8" and loaded.model_id == meta["file_sha256"]["int8"][:12]
+    with torch.inference_mode():
+        same = model(val_sample.images).argmax(1) == loaded.module(val_sample.images).argmax(1)
+    assert float(same.float().mean()) >= formats.INT8_MIN_AGREEMENT
+
+
+def test_load_picks_the_default_format_or_the_one_asked_for(all_formats):
+    _, _, folder = all_formats
+    assert artifact.load(str(folder)).format == "onnx"
+    torchscript = artifact.load(str(folder), format="torchscript")
+    assert isinstance(torchscript.module, torch.jit.ScriptModule)
+    assert isinstance(artifact.load(str(folder), format="int8").module, formats.OnnxModule)
+
+
+def test_a_format_the_artifact_lacks_is_a_usage_error(exported):
+    _, _, folder = exported
+    with pytest.raises(UsageError, match="holds only torchscript"):
+        artifact.load(str(folder), format="onnx")
+
+
+def test_sha_mismatch_of_the_loaded_file_is_refused(all_formats, tmp_path):
+    _, meta, folder = all_formats
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in [*meta["files"].values(), "meta.json"]:
+        (copy / name).write_bytes((folder / name).read_bytes())
+    int8 = copy / "model.int8.onnx"
+    int8.write_bytes(int8.read_bytes()[:-1] + b"\1")
+    artifact.load(str(copy), format="onnx")  # the other files are untouched
+    with pytest.raises(ModelLoadError, match="model.int8.onnx does not match its sha256"):
+        artifact.load(str(copy), format="int8")
+
+
+def test_an_export_that_fails_parity_writes_nothing(val_sample, tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "ONNX_ATOL", -1.0)  # no export can pass
+    with pytest.raises(ModelLoadError, match="onnx export disagrees with eager"):
+        artifact.export(
+            create_model("small_cnn", 2).eval(),
+            str(tmp_path),
+            arch="small_cnn",
+            classes=CLASSES,
+            preprocess=SPEC,
+            formats=("torchscript", "onnx"),
+            sample=val_sample.images,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_below_the_agreement_criterion_is_refused(val_sample, tmp_path):
+    with pytest.raises(
+        ModelLoadError, match=r"int8 export agrees with fp32 on .* \(needs at least"
+    ):
+        artifact.export(
+            create_model("small_cnn", 2).eval(),
+            str(tmp_path),
+            arch="small_cnn",
+            classes=CLASSES,
+            preprocess=SPEC,
+            formats=("int8",),
+            sample=val_sample.images,
+            min_int8_agreement=1.01,
+        )
+    assert not (tmp_path / "meta.json").exists()
+
+
+@pytest.mark.parametrize("n", [None, 8])
+def test_int8_needs_32_real_images_to_calibrate_and_check_on(n, val_sample, tmp_path):
+    with pytest.raises(UsageError, match="int8 needs at least 32 real images"):
+        artifact.export(
+            create_model("small_cnn", 2).eval(),
+            str(tmp_path),
+            arch="small_cnn",
+            classes=CLASSES,
+            preprocess=SPEC,
+            formats=("int8",),
+            sample=None if n is None else val_sample.images[:n],
+        )
+
+
+def test_sample_from_shards_keeps_labels_only_when_the_classes_match(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photos = sorted((HYMENOPTERA / "val" / "bees").iterdir())[:3]
+    pq.write_table(
+        pa.table(
+            {
+                "key": [p.name for p in photos],
+                "image": [p.read_bytes() for p in photos],
+                "label": [1, 1, 1],
+                "label_name": ["bees"] * 3,
+            }
+        ),
+        tmp_path / "shard-00000.parquet",
+    )
+    assert load_sample(str(tmp_path), SPEC, CLASSES).labels.tolist() == [1, 1, 1]
+    assert load_sample(str(tmp_path), SPEC, ["cats", "dogs"]).labels is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["jobs.predict", "--format", "tflite", "--model", "/x", "a.jpg"], "--format"),
+        (["jobs.export", "--run", "/r", "--format", "onnx,tflite", "--output", "/a"], "tflite"),
+        (["jobs.export", "--run", "/r", "--format", "onnx,onnx", "--output", "/a"], "twice"),
+        (
+            [
+                "jobs.export",
+                "--model",
+                "mobilenet_v2",
+                "--pretrained",
+                "/w",
+                "--classes",
+                "imagenet",
+            ]
+            + ["--format", "onnx,int8", "--output", "/a"],
+            "--format int8 needs --sample",
+        ),
+    ],
+)
+def test_bad_format_is_a_one_line_usage_error(args, message):
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_predict_a_format_the_artifact_lacks_is_a_one_line_usage_error(exported):
+    _, _, folder = exported
+    bee = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.predict",
+            "--model",
+            str(folder),
+            "--format",
+            "int8",
+            str(bee),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "holds only torchscript" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_predict_prints_top_k_per_image_and_json(all_formats):
+    _, _, folder = all_formats
+    bees = [str(p) for p in sorted((HYMENOPTERA / "val" / "bees").iterdir())[:2]]
+    command = [sys.executable, "-m", "jobs.predict", "--model", str(folder), "--top-k", "1"]
+    text = subprocess.run([*command, *bees], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == bees[0] and lines[2] == bees[1] and len(lines) == 4
+    assert lines[1].startswith("  1. ") and lines[1].endswith("%")
+    done = subprocess.run(
+        [*command, "--json", "--format", "int8", *bees],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    output = json.loads(line)
+    assert output["format"] == "int8" and len(output["results"]) == 2
+    assert all(len(r["top"]) == 1 and r["error"] is None for r in output["results"])

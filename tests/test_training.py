@@ -152,3 +152,25 @@ def test_augmentation_preview_is_a_grid_of_eval_and_augmented_views(hymenoptera_
     image = Image.open(io.BytesIO(open(png, "rb").read()))
     # 8 columns (eval view + 7 augmented) and 4 image rows plus the mixed row, 2 px padding.
     assert image.size == (8 * 66 + 2, 5 * 66 + 2)
+
+
+def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--data", hymenoptera_shards, "--model", "hog_svm"]
+        + ["--output", str(tmp_path / "run"), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 <= summary["val_acc"] <= 1 and "f1_macro" in summary["metrics"]
+    assert (tmp_path / "run" / "model" / "meta.json").exists()
+    assert "ray" not in done.stderr.lower()

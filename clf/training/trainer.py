@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clf import artifact, models, runtime, storage
-from clf.config import TrainConfig, to_dict
+from clf.config import BASELINE_MODEL, TrainConfig, to_dict
 from clf.errors import UsageError
 from clf.ingest import read_classes
 from clf.training import checkpoint, metrics
@@ -50,7 +50,8 @@ def class_counts(manifest: dict[str, Any], classes: list[str]) -> list[int]:
 def check(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
     """Everything that can be checked before Ray starts. Returns the classes and the manifest."""
     cfg.validate()
-    models.check_model_name(cfg.model.name)
+    if cfg.model.name != BASELINE_MODEL:
+        models.check_model_name(cfg.model.name)
     if not cfg.output:
         raise UsageError("--output is required")
     if not cfg.data.path or not storage.exists(storage.join(cfg.data.path, "manifest.json")):
@@ -181,9 +182,19 @@ def _guard_config(run: str, cfg: TrainConfig) -> None:
 
 
 def export_run(
-    run: str, folder: str | None = None, output: str | None = None, formats=("torchscript",)
+    run: str,
+    folder: str | None = None,
+    output: str | None = None,
+    formats: tuple[str, ...] = ("torchscript",),
+    sample: str | None = None,
+    min_int8_agreement: float | None = None,
 ) -> str:
-    """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``)."""
+    """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``).
+
+    Parity is checked on ``sample``, by default the first 256 images of the run's val split.
+    """
+    from clf.exporting import load_sample
+
     config_uri = storage.join(run, "config.json")
     if not storage.exists(config_uri):
         raise UsageError(f"--run {run}: not a training run (no config.json)")
@@ -199,16 +210,25 @@ def export_run(
     model.load_state_dict(state.get("ema", state["model"]))  # the EMA weights were the ones scored
     epoch_metrics = {r["epoch"]: r for r in metrics.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")
+    spec = Preprocess.from_meta(resolved["preprocess"])
+    if sample is None:
+        val = storage.join(resolved["data"]["path"], "val")
+        sample = val if storage.is_dir(val) else None  # data moved away: packaged photos
+    images = load_sample(sample, spec, classes)
     artifact.export(
         model,
         output,
         arch=resolved["model"]["name"],
         classes=classes,
-        preprocess=Preprocess.from_meta(resolved["preprocess"]),
+        preprocess=spec,
         formats=tuple(formats),
         source_run=run,
         metrics={
             k: epoch_metrics[k] for k in ("epoch", "val_acc", "val_loss") if k in epoch_metrics
         },
+        sample=images.images,
+        labels=images.labels,
+        sample_source=images.source,
+        min_int8_agreement=min_int8_agreement,
     )
     return output
