@@ -193,10 +193,11 @@ def _regular(info: pafs.FileInfo) -> bool:
     return True
 
 
-# The one transient fault the SDK cannot retry. Arrow reads a range into a buffer of exactly
-# that size, and the SDK writes an error reply's body there too: a 503 SlowDown's XML (about
-# 250 bytes) overflows a small read (classes.json, a checkpoint's meta.json), and the SDK then
-# reports a non-retryable INTERNAL_FAILURE. We retry those reads with the SDK's own backoff.
+# A transient fault the SDK does not retry. Arrow reads a range into a buffer of exactly that
+# size, and the SDK writes an error reply's body there too: a 503 SlowDown's XML (about 250
+# bytes) overflows a small read (classes.json, a checkpoint's meta.json), and the SDK reports a
+# non-retryable INTERNAL_FAILURE (apache/doris#66557 traces the same in another SDK user). We
+# retry those reads with the SDK's own backoff.
 _OVERFLOWED_ERROR_REPLY = "Failed to flush response stream"
 
 

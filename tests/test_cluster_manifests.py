@@ -152,7 +152,7 @@ def test_every_image_and_ray_version_is_the_installed_ray():
         assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY_VERSION)}-py3\d+(-gpu)?", image), image
     for where, spec in ray_cluster_specs():
         assert spec["rayVersion"] == RAY_VERSION, where
-    assert f"ray[train,data]=={RAY_VERSION}" in pyproject_dependencies()
+    assert f"ray[default,train,data]=={RAY_VERSION}" in pyproject_dependencies()
 
 
 def all_images(doc: dict) -> Iterator[str]:

@@ -139,8 +139,19 @@ def test_bad_inputs_get_one_error_row_each_and_rerun_adds_nothing(hymenoptera_ru
 
 def test_export_from_run_and_predict_top5(hymenoptera_run):
     art = str(hymenoptera_run["root"] / "exported")
-    exported = job("jobs.export", "--run", hymenoptera_run["run"], "--output", art)
-    assert exported["parity"] < 1e-4
+    exported = job(
+        "jobs.export",
+        "--run",
+        hymenoptera_run["run"],
+        "--format",
+        "onnx,torchscript",
+        "--output",
+        art,
+    )
+    onnx = exported["parity_report"]["onnx"]  # checked on every val image before writing
+    assert onnx["images"] == 153 and onnx["max_abs_logit_diff"] <= 1e-3
+    assert onnx["top1_agreement"] == 1.0
+    assert exported["parity_report"]["torchscript"]["max_abs_logit_diff"] <= 1e-4
     bee = str(HYMENOPTERA / "val" / "bees" / sorted(os.listdir(HYMENOPTERA / "val" / "bees"))[0])
     done = subprocess.run(
         [sys.executable, "-m", "jobs.predict", "--model", art, bee],
