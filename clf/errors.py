@@ -15,3 +15,8 @@ class ModelLoadError(UsageError):
 
 class StorageError(ClfError):
     """A permanent storage failure (missing object, access denied), naming the URI."""
+
+
+class TransientStorageError(StorageError):
+    """An object-store failure that outlived the client's retries (throttling, resets): worth
+    retrying the whole task, never worth recording as an input's answer."""

@@ -150,6 +150,8 @@ def decode_batch(
             errors.append("")
         except DecodeError as e:
             errors.append(str(e))
+        except storage.TransientStorageError:
+            raise  # Ray retries the task; a row would make a passing fault the input's answer
         except storage.StorageError as e:
             errors.append(f"unreadable: {e}")
         except Exception as e:  # a bad row must never end the job

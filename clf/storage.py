@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from clf.errors import StorageError
+from clf.errors import StorageError, TransientStorageError
 
 # Transient S3 faults (503 SlowDown, 500s, connection resets, truncated replies, timeouts) are
 # retried inside pyarrow by the AWS SDK; a permanent one (403, 404) is not, and surfaces at once
@@ -213,8 +213,19 @@ def read_bytes(uri: str) -> bytes:
         except OSError as e:
             attempt += 1
             if _OVERFLOWED_ERROR_REPLY not in str(e) or attempt == S3_RETRY_ATTEMPTS:
-                raise StorageError(f"cannot read {uri}: {_short(e)}") from e
+                error = TransientStorageError if _transient(uri, e) else StorageError
+                raise error(f"cannot read {uri}: {_short(e)}") from e
             time.sleep(0.025 * 2**attempt)
+
+
+def _transient(uri: str, e: OSError) -> bool:
+    """An object-store failure other than a missing object or a denial: throttling, resets."""
+    text = str(e)
+    return (
+        normalize(uri).startswith("s3://")
+        and not any(marker in text for marker in _DENIED)
+        and "NO_SUCH" not in text
+    )
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -138,3 +138,49 @@ def test_a_temp_file_left_by_a_kill_is_never_output_and_is_cleaned(tmp_path):
     assert read_rows(str(tmp_path)).num_rows == 1
     _remove_temp_files(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-1.parquet"]
+
+
+def test_a_storage_fault_that_outlived_the_retries_fails_the_task_instead_of_becoming_a_row(
+    monkeypatch,
+):
+    from clf import storage
+    from clf.errors import StorageError, TransientStorageError
+
+    def read(uri):
+        if "throttled" in uri:
+            raise TransientStorageError(f"cannot read {uri}: SlowDown")
+        raise StorageError(f"not found: {uri}")
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    uris = np.array(["s3://b/missing.jpg"], dtype=object)
+    assert decode_batch({"uri": uris}, SPEC.to_meta(), 10**8)["error"][0].startswith("unreadable")
+    with pytest.raises(TransientStorageError):  # Ray retries the task; no row is written
+        decode_batch(
+            {"uri": np.array(["s3://b/throttled.jpg"], dtype=object)}, SPEC.to_meta(), 10**8
+        )
+
+
+@pytest.mark.parametrize(
+    ("uri", "message", "transient"),
+    [
+        (
+            "s3://b/k.jpg",
+            "AWS Error SLOW_DOWN during GetObject: Please reduce your request rate",
+            True,
+        ),
+        ("s3://b/k.jpg", "AWS Error NETWORK_CONNECTION during GetObject: Connection reset", True),
+        (
+            "s3://b/k.jpg",
+            "AWS Error ACCESS_DENIED during GetObject operation: Access Denied",
+            False,
+        ),
+        ("s3://b/k.jpg", "AWS Error NO_SUCH_BUCKET during GetObject", False),
+        ("/data/k.jpg", "[Errno 5] Input/output error", False),
+    ],
+)
+def test_only_object_store_faults_other_than_missing_or_denied_are_transient(
+    uri, message, transient
+):
+    from clf.storage import _transient
+
+    assert _transient(uri, OSError(message)) is transient
