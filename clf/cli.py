@@ -63,6 +63,14 @@ def run(prog: str, main: Callable[[], dict[str, Any] | None]) -> NoReturn:
     sys.exit(0)
 
 
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """A config dataclass from the parsed flags whose names match its fields."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def emit(summary: dict[str, Any], lines: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, default=str), flush=True)

@@ -21,10 +21,8 @@ from clf import artifact, baseline, diagnostics, evaluation, runtime, storage
 from clf.config import EvaluateConfig
 from clf.errors import UsageError
 from clf.ingest import read_classes
-from clf.labeling import decode_batch
-from clf.transforms import Preprocess, normalize
-
-DECODE_MEMORY = 2**30  # bytes per decode task (measured: up to 1 GiB on full-size photos)
+from clf.labeling import decode_batch, decode_then_infer, pool_size
+from clf.transforms import normalize
 
 
 @dataclass
@@ -249,19 +247,8 @@ class Scorer:
         }
 
 
-def pool_size(cfg: EvaluateConfig, gpu: bool) -> int:
-    if cfg.actors:
-        return cfg.actors
-    if gpu:
-        return max(1, runtime.gpu_actor_slots(cfg.gpus_per_actor))
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) // 4)
-
-
 def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
     import ray
-    from ray.data import ActorPoolStrategy
 
     gpu = runtime.use_gpu(cfg.device)
     actors = pool_size(cfg, gpu)
@@ -274,24 +261,15 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
         include_paths=True,
         num_cpus=0.25,
     )
-    ds = ds.map_batches(
+    ds = decode_then_infer(
+        ds,
         decode_rows,
-        fn_kwargs={
-            "preprocess": Preprocess.from_meta(target.meta).to_meta(),
-            "max_pixels": cfg.max_pixels,
-        },
-        batch_size=cfg.decode_batch_size,
-        num_cpus=1,
-        # Reserving memory also makes the decode tasks' remote args differ from the scorers',
-        # which keeps Ray from fusing them, so the model never waits on JPEG decoding.
-        memory=DECODE_MEMORY,
-    ).map_batches(
+        target.meta,
         Scorer,
-        fn_constructor_kwargs={"model_uri": cfg.model, "prefer_gpu": gpu},
-        batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=actors),
-        num_gpus=cfg.gpus_per_actor if gpu else 0,
-        num_cpus=1 if not gpu else None,
+        {"model_uri": cfg.model, "prefer_gpu": gpu},
+        cfg,
+        gpu,
+        actors,
     )
     progress(
         f"[evaluate] {target.images} images -> {actors} scorer actor(s) on {'GPU' if gpu else 'CPU'}"

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import artifact, runtime, storage
-from clf.config import LabelConfig
+from clf.config import EvaluateConfig, LabelConfig
 from clf.decode import DecodeError, decode_image
 from clf.errors import ClfError, UsageError
 from clf.transforms import Preprocess, eval_transform, normalize
@@ -257,7 +257,7 @@ def check(cfg: LabelConfig) -> dict[str, Any]:
     return meta
 
 
-def pool_size(cfg: LabelConfig, gpu: bool) -> int:
+def pool_size(cfg: LabelConfig | EvaluateConfig, gpu: bool) -> int:
     if cfg.actors:
         return cfg.actors
     if gpu:  # one actor per GPU, or per share of one; ActorPoolStrategy(size=n) starts all n
@@ -270,9 +270,39 @@ def pool_size(cfg: LabelConfig, gpu: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 2)) // 4)
 
 
+def decode_then_infer(
+    ds, decode_fn, meta, actor_cls, actor_kwargs, cfg: LabelConfig | EvaluateConfig, gpu, actors
+):
+    """CPU decode tasks, then an actor pool that loads the model once: jobs.label and
+    jobs.evaluate share this stage, so the model never waits on JPEG decoding in either."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        decode_fn,
+        # The preprocessing keys only: meta's class list need not travel with every task.
+        fn_kwargs={
+            "preprocess": Preprocess.from_meta(meta).to_meta(),
+            "max_pixels": cfg.max_pixels,
+        },
+        batch_size=cfg.decode_batch_size,
+        num_cpus=1,
+        # Retry a decode task whose worker died. Per-task remote args also keep Ray from
+        # fusing decode into the actors.
+        ray_remote_args_fn=_decode_task_args,
+    ).map_batches(
+        actor_cls,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=actors),
+        num_gpus=cfg.gpus_per_actor if gpu else 0,
+        # Held, not just needed to schedule: the actor feeds its device, and decode tasks must
+        # not crowd in beside it.
+        num_cpus=1,
+    )
+
+
 def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSummary:
     import ray
-    from ray.data import ActorPoolStrategy
 
     started = time.monotonic()
     meta = check(cfg)
@@ -301,27 +331,15 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             ds = ray.data.from_items([{"uri": u} for u in todo])
         else:
             ds = _shard_rows(inputs, set(todo))
-        ds = ds.map_batches(
+        ds = decode_then_infer(
+            ds,
             decode_batch,
-            # The preprocessing keys only: meta's class list need not travel with every task.
-            fn_kwargs={
-                "preprocess": Preprocess.from_meta(meta).to_meta(),
-                "max_pixels": cfg.max_pixels,
-            },
-            batch_size=cfg.decode_batch_size,
-            num_cpus=1,
-            # Retry a decode task whose worker died. Per-task remote args also keep Ray from
-            # fusing decode into the predictor actors, so the model never waits on JPEG decode.
-            ray_remote_args_fn=_decode_task_args,
-        ).map_batches(
+            meta,
             Predictor,
-            fn_constructor_kwargs={"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},
-            batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(size=actors),
-            num_gpus=cfg.gpus_per_actor if gpu else 0,
-            # Held, not just needed to schedule: the actor feeds its device and writes no
-            # less on GPU, and decode tasks must not crowd in beside it.
-            num_cpus=1,
+            {"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},
+            cfg,
+            gpu,
+            actors,
         )
         progress(
             f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}"

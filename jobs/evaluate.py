@@ -39,20 +39,7 @@ def build_parser():
 
 def main() -> None:
     args = build_parser().parse_args()
-    cfg = EvaluateConfig(
-        model=args.model,
-        data=args.data,
-        output=args.output,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        device=args.device,
-        diagnostics=args.diagnostics,
-        train=args.train,
-        baseline_size=args.baseline_size,
-        confused_pairs=args.confused_pairs,
-    )
+    cfg = cli.config_from_args(EvaluateConfig, args)
     target = check(cfg)
     if not target.is_baseline:  # the baseline runs in this process
         runtime.init_ray()

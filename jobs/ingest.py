@@ -37,16 +37,7 @@ def run_on_ray(plans):
 
 def main() -> None:
     args = build_parser().parse_args()
-    cfg = IngestConfig(
-        src=args.src,
-        dst=args.dst,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        shard_size=args.shard_size,
-        max_pixels=args.max_pixels,
-        overwrite=args.overwrite,
-    ).validate()
+    cfg = cli.config_from_args(IngestConfig, args).validate()
     if not storage.is_dir(cfg.src):
         raise UsageError(f"--src {cfg.src}: no such folder or prefix")
     runtime.init_ray()

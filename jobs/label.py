@@ -41,18 +41,7 @@ def build_parser():
 
 def main() -> None:
     args = build_parser().parse_args()
-    cfg = LabelConfig(
-        model=args.model,
-        input=args.input,
-        output=args.output,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        device=args.device,
-        skip_existing=args.skip_existing,
-        max_pixels=args.max_pixels,
-    )
+    cfg = cli.config_from_args(LabelConfig, args)
     from clf.labeling import check, label
 
     check(cfg)

@@ -7,13 +7,11 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR, IMAGENET_SAMPLES, ROOT
+from conftest import CIFAR, IMAGENET_SAMPLES, job_json, run_job
 from PIL import Image
 
 from clf import artifact, baseline, diagnostics, evaluation, plots
@@ -312,15 +310,7 @@ def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_we
     data, art, out = tmp_path / "data", tmp_path / "art", tmp_path / "report"
 
     def job(*args: str) -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", *args, "--json"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return job_json(run_job(*args, "--json"))
 
     # One image per class: a test fraction of 0.9 rounds to that one image.
     job(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IMAGENET_SAMPLES, ROOT, job_json, run_job
+from conftest import IMAGENET_SAMPLES, ROOT
 
 from clf.labeling import read_rows
 
@@ -153,27 +153,13 @@ def job_status(head: Head, submission: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def test_submitted_label_job_succeeds_on_a_token_auth_head(ray_head, mobilenet_weights, tmp_path):
+def test_submitted_label_job_succeeds_on_a_token_auth_head(ray_head, mobilenet_artifact, tmp_path):
     head = ray_head
     assert (head.home / ".ray" / "auth_token").stat().st_size > 0
     refused = ray_cli(head, "job", "list", "--address", head.url, token=False)
     assert refused.returncode != 0  # no token, no access
 
-    art, images, out = tmp_path / "art", tmp_path / "images", tmp_path / "labels"
-    job_json(
-        run_job(
-            "jobs.export",
-            "--model",
-            "mobilenet_v2",
-            "--pretrained",
-            mobilenet_weights,
-            "--classes",
-            "imagenet",
-            "--output",
-            str(art),
-            "--json",
-        )
-    )
+    art, images, out = mobilenet_artifact, tmp_path / "images", tmp_path / "labels"
     images.mkdir()
     names = sorted(os.listdir(IMAGENET_SAMPLES))[::50]  # 20 photos
     for name in names:

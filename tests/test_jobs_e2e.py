@@ -9,7 +9,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 
 from clf.labeling import LABEL_SCHEMA, read_rows
 
@@ -18,15 +18,7 @@ pytestmark = pytest.mark.slow
 
 def job(*args: str, timeout: int = 900) -> dict:
     """Run ``python -m jobs.X ... --json``; returns its one JSON line."""
-    done = subprocess.run(
-        [sys.executable, "-m", *args, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return job_json(run_job(*args, "--json", timeout=timeout))
 
 
 def true_imagenet_index(uri: str, wnids: list[str]) -> int:

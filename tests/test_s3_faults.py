@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -137,28 +138,14 @@ def faults(met: dict) -> int:
 
 @pytest.mark.slow
 def test_label_job_through_faults_labels_every_image_exactly_once(
-    bucket, fault_proxy, mobilenet_weights, tmp_path
+    bucket, fault_proxy, mobilenet_artifact, tmp_path
 ):
     names = sorted(os.listdir(IMAGENET_SAMPLES))[5::10]  # 100 photos
     for name in names:
         storage.write_bytes(f"{bucket}/images/{name}", (IMAGENET_SAMPLES / name).read_bytes())
     storage.write_bytes(f"{bucket}/images/empty.jpg", b"")
     storage.write_bytes(f"{bucket}/images/notes.jpg", b"not a photo\n")
-    art = tmp_path / "art"
-    job_json(
-        run_job(
-            "jobs.export",
-            "--model",
-            "mobilenet_v2",
-            "--pretrained",
-            mobilenet_weights,
-            "--classes",
-            "imagenet",
-            "--output",
-            str(art),
-            "--json",
-        )
-    )
+    art = Path(mobilenet_artifact)
     for path in art.iterdir():  # the model is read through the proxy too
         storage.write_bytes(f"{bucket}/art/{path.name}", path.read_bytes())
 

@@ -155,22 +155,13 @@ def test_augmentation_preview_is_a_grid_of_eval_and_augmented_views(hymenoptera_
 
 
 def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tmp_path):
-    import json
-    import subprocess
-    import sys
+    from conftest import job_json, run_job
 
-    from conftest import ROOT
-
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs.train", "--data", hymenoptera_shards, "--model", "hog_svm"]
-        + ["--output", str(tmp_path / "run"), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    done = run_job(
+        "jobs.train", "--data", hymenoptera_shards, "--model", "hog_svm",
+        "--output", str(tmp_path / "run"), "--json", timeout=300,
+    )  # fmt: skip
+    summary = job_json(done)
     assert 0 <= summary["val_acc"] <= 1 and "f1_macro" in summary["metrics"]
     assert (tmp_path / "run" / "model" / "meta.json").exists()
     assert "ray" not in done.stderr.lower()
