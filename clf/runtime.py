@@ -52,9 +52,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     except ConnectionError:
         # None running: an embedded Ray for this machine only. It advertises loopback (its GCS
         # still binds every interface; token auth guards it) and needs no dashboard.
-        ray.init(
-            num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **common
-        )
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False, **common)
     if quiet:
         from ray.data import DataContext
 

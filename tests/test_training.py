@@ -13,6 +13,7 @@ from PIL import Image
 from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
+from clf.training import metrics
 from clf.training.data import BalancedResampler, balanced_weights, channel_stats
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
@@ -130,6 +131,20 @@ def test_early_stopping_waits_for_patience_epochs_without_improvement():
     assert not should_stop(cfg, epoch=3, best_epoch=2)
     assert should_stop(cfg, epoch=4, best_epoch=2)
     assert not should_stop(TrainConfig(), epoch=40, best_epoch=0)
+
+
+def test_an_epoch_line_is_written_only_for_a_committed_checkpoint_and_only_once(tmp_path):
+    run = str(tmp_path)
+    log = metrics.CommittedEpochLog(run)
+    first = {"epoch": 0, "start_epoch": 0, "val_acc": 0.5}
+    log.after_report(None, [first, first], checkpoint=None)
+    assert metrics.read(run) == []
+    log.after_report(None, [first, first], checkpoint=object())
+    metrics.append(run, first)  # a resume re-adding the line of its restored checkpoint
+    retried = {"epoch": 1, "start_epoch": 1, "val_acc": 0.6}
+    metrics.append(run, {"epoch": 1, "start_epoch": 0, "val_acc": 0.4})  # an attempt, then a kill
+    log.after_report(None, [retried], checkpoint=object())
+    assert [(r["epoch"], r["start_epoch"]) for r in metrics.read(run)] == [(0, 0), (1, 0), (1, 1)]
 
 
 def test_dataset_statistics_are_measured_on_real_train_images(hymenoptera_shards):

@@ -141,6 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.module.load_state_dict(restored["ema"])
         start_epoch, best = restored["epoch"] + 1, restored.get("best", best)
         if rank == 0:
+            if "row" in restored:  # a kill between its commit and its metrics line lost the line
+                metrics.append(run, restored["row"])
             print(
                 f"[train] resumed from the checkpoint of epoch {restored['epoch'] + 1}", flush=True
             )
@@ -237,9 +239,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch,
             "phase": phase.name,
             "best": best,
+            "row": row,
             **({"ema": ema.module.state_dict()} if ema is not None else {}),
         }
-        report_epoch(state, row, rank, run, cfg, board, stopping=stop)
+        report_epoch(state, row, rank, cfg, board, stopping=stop)
         if stop:
             break
 
@@ -259,11 +262,11 @@ def evaluate(model, shard, collate, spec, criterion, autocast, cfg) -> tuple[flo
     return float(totals[0] / max(totals[2], 1)), float(totals[1] / max(totals[2], 1))
 
 
-def report_epoch(state, row, rank, run, cfg, board, stopping: bool) -> None:
-    """Rank 0 writes the metrics line, then every rank reports; only rank 0 attaches the checkpoint."""
+def report_epoch(state, row, rank, cfg, board, stopping: bool) -> None:
+    """Every rank reports; only rank 0 attaches the checkpoint. The metrics line is written on
+    the controller once the checkpoint is committed (``metrics.CommittedEpochLog``)."""
     ckpt = None
     if rank == 0:
-        metrics.append(run, row)
         if board is not None:
             board.log(row)
         print(
@@ -280,4 +283,4 @@ def report_epoch(state, row, rank, run, cfg, board, stopping: bool) -> None:
                 flush=True,
             )
         ckpt = checkpoint.save(state, {"epoch": row["epoch"], "val_acc": row["val_acc"]})
-    ray.train.report({k: v for k, v in row.items() if k != "phase"}, checkpoint=ckpt)
+    ray.train.report(row, checkpoint=ckpt)

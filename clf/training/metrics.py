@@ -6,6 +6,8 @@ import io
 import json
 from typing import Any
 
+from ray.train import UserCallback
+
 from clf import storage
 
 
@@ -19,11 +21,30 @@ def read(run: str) -> list[dict[str, Any]]:
 
 
 def append(run: str, row: dict[str, Any]) -> None:
+    """Add ``row`` unless its epoch already has a line at or after its resume point."""
     # Object stores cannot append, and the file is a few kB, so it is rewritten whole.
-    rows = read(run) + [row]
+    rows = read(run)
+    if any(r["epoch"] == row["epoch"] and r["start_epoch"] == row["start_epoch"] for r in rows):
+        return
     storage.write_bytes(
-        storage.join(run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows).encode()
+        storage.join(run, "metrics.jsonl"),
+        "".join(json.dumps(r) + "\n" for r in rows + [row]).encode(),
     )
+
+
+class CommittedEpochLog(UserCallback):
+    """Writes an epoch's line on the Ray Train controller once its checkpoint is committed.
+
+    Written from a worker, a line could describe an epoch whose checkpoint a kill then lost,
+    and a re-run would repeat that epoch while the file said it was done.
+    """
+
+    def __init__(self, run: str):
+        self.run = run
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if checkpoint is not None:
+            append(self.run, metrics[0])
 
 
 def plot_curves(run: str) -> str | None:

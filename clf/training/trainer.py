@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
                 checkpoint_score_order="max",
             ),
             worker_runtime_env={"env_vars": runtime.forwarded_env()},
+            callbacks=[metrics.CommittedEpochLog(run)],
         ),
         datasets=datasets,
     )
