@@ -13,6 +13,7 @@ from PIL import ImageOps
 
 from clf import plots, storage
 from clf.decode import DecodeError, decode_image
+from clf.formats import OnnxModule
 
 THUMBNAIL = 192
 
@@ -22,7 +23,10 @@ def first_conv_weight(module: torch.nn.Module) -> np.ndarray | None:
 
     An artifact is frozen TorchScript: freezing folds parameters into graph constants (and
     batch norm into the conv), so its state_dict is empty and the graph is where to look.
+    An ONNX artifact keeps them as the graph's initializers.
     """
+    if isinstance(module, OnnxModule):
+        return _onnx_first_conv_weight(module.blob)
     if not isinstance(module, torch.jit.ScriptModule):
         for layer in module.modules():
             if isinstance(layer, torch.nn.Conv2d):
@@ -37,6 +41,18 @@ def first_conv_weight(module: torch.nn.Module) -> np.ndarray | None:
             if isinstance(weight, torch.Tensor) and weight.ndim == 4:
                 return weight.detach().float().cpu().numpy()
     return None
+
+
+def _onnx_first_conv_weight(blob: bytes) -> np.ndarray | None:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(blob).graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Conv" and node.input[1] in initializers:
+            return numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+    return None  # int8 graphs reach their convolutions through DequantizeLinear
 
 
 def filters_png(module: torch.nn.Module) -> bytes | None:

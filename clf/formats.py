@@ -227,6 +227,7 @@ class OnnxModule(nn.Module):
         ):
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(blob, options, providers=providers)
+        self.blob = blob  # the graph's weights, for diagnostics; the session does not expose them
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

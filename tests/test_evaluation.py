@@ -151,7 +151,7 @@ def test_confusion_heatmap_of_many_classes_keeps_a_readable_size():
 # Diagnostics
 
 
-def test_first_layer_filters_are_found_in_a_frozen_torchscript_artifact(tmp_path):
+def test_first_layer_filters_are_found_in_torchscript_and_onnx_artifacts(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 5),
@@ -162,14 +162,23 @@ def test_first_layer_filters_are_found_in_a_frozen_torchscript_artifact(tmp_path
         torch.nn.Linear(4, 2),
     ).eval()
     spec = Preprocess(input_size=32, resize=36)
-    artifact.export(model, str(tmp_path), arch="tiny", classes=["x", "y"], preprocess=spec)
+    artifact.export(
+        model,
+        str(tmp_path),
+        arch="tiny",
+        classes=["x", "y"],
+        preprocess=spec,
+        formats=("torchscript", "onnx"),
+    )
     scripted = artifact.load(str(tmp_path)).module
     assert len(scripted.state_dict()) == 0  # frozen: the weights live in the graph
+    onnx_module = artifact.load(str(tmp_path), format="onnx").module
 
-    weight = diagnostics.first_conv_weight(scripted)
-    np.testing.assert_allclose(weight, model[0].weight.detach().numpy())
-    np.testing.assert_allclose(diagnostics.first_conv_weight(model), weight)
+    expected = model[0].weight.detach().numpy()
+    for module in (model, scripted, onnx_module):
+        np.testing.assert_allclose(diagnostics.first_conv_weight(module), expected, rtol=1e-6)
     assert png_size(diagnostics.filters_png(scripted)) == (640, 680)  # 8 kernels, 3 x 3 grid
+    assert png_size(diagnostics.filters_png(onnx_module)) == (640, 680)
 
 
 def test_confident_mistakes_are_the_wrong_answers_given_with_most_confidence(real_jpeg):
@@ -332,6 +341,8 @@ def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_we
         mobilenet_weights,
         "--classes",
         "imagenet",
+        "--format",
+        "onnx",  # twice eager's speed on CPU, and the format a CPU user would pick
         "--output",
         str(art),
     )
