@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HYMENOPTERA, ROOT
+from conftest import HYMENOPTERA, ROOT, run_in_process
 
 from clf import artifact, formats
 from clf.errors import ModelLoadError, UsageError
@@ -255,9 +255,7 @@ def test_sample_from_shards_keeps_labels_only_when_the_classes_match(tmp_path):
     ],
 )
 def test_bad_format_is_a_one_line_usage_error(args, message):
-    done = subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    done = run_in_process(*args)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -265,22 +263,7 @@ def test_bad_format_is_a_one_line_usage_error(args, message):
 def test_predict_a_format_the_artifact_lacks_is_a_one_line_usage_error(exported):
     _, _, folder = exported
     bee = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.predict",
-            "--model",
-            str(folder),
-            "--format",
-            "int8",
-            str(bee),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_in_process("jobs.predict", "--model", str(folder), "--format", "int8", str(bee))
     assert done.returncode == 2 and "holds only torchscript" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import HYMENOPTERA, ROOT
+from conftest import HYMENOPTERA, ROOT, run_in_process
 
 JOBS = ["ingest", "train", "export", "label", "predict"]
 
@@ -15,9 +15,17 @@ def job(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_a_bad_flag_from_the_command_line_is_one_line_and_exit_2():
+    """The cases below run in this interpreter; this one runs ``python -m`` as users do."""
+    done = job("jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "not a model artifact" in done.stderr
+
+
 @pytest.mark.parametrize("name", JOBS)
 def test_every_job_has_help(name):
-    done = job(f"jobs.{name}", "--help")
+    done = run_in_process(f"jobs.{name}", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout
 
 
@@ -126,8 +134,7 @@ def test_every_job_has_help(name):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
-    done = job(*args)
+    done = run_in_process(*args)  # which also checks that Ray never started
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "Started a local Ray instance" not in done.stderr
