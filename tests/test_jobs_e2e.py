@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -62,6 +64,7 @@ def hymenoptera_run(tmp_path_factory, mobilenet_weights):
     root = tmp_path_factory.mktemp("hymenoptera")
     data, run = str(root / "data"), str(root / "run")
     ingest = job("jobs.ingest", "--src", str(HYMENOPTERA), "--dst", data)
+    temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "clf-ckpt-*")))
     trained = job(
         "jobs.train",
         "--data",
@@ -87,7 +90,15 @@ def hymenoptera_run(tmp_path_factory, mobilenet_weights):
         "--set",
         "augment.scale_min=0.25",
     )
-    return {"root": root, "data": data, "run": run, "ingest": ingest, "train": trained}
+    temp_left = set(glob.glob(os.path.join(tempfile.gettempdir(), "clf-ckpt-*"))) - temp_before
+    return {
+        "root": root,
+        "data": data,
+        "run": run,
+        "ingest": ingest,
+        "train": trained,
+        "temp_left": temp_left,
+    }
 
 
 def test_ingest_lists_the_placeholder_gif_as_rejected(hymenoptera_run):
@@ -109,6 +120,7 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
         assert os.path.exists(os.path.join(run, name)), name
     meta = json.load(open(os.path.join(run, "model", "meta.json")))
     assert meta["classes"] == ["ants", "bees"] and meta["source_run"] == run
+    assert hymenoptera_run["temp_left"] == set()  # local checkpoint copies go once uploaded
 
 
 def test_bad_inputs_get_one_error_row_each_and_rerun_adds_nothing(hymenoptera_run, bad_files_dir):

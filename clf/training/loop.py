@@ -283,4 +283,5 @@ def report_epoch(state, row, rank, cfg, board, stopping: bool) -> None:
                 flush=True,
             )
         ckpt = checkpoint.save(state, {"epoch": row["epoch"], "val_acc": row["val_acc"]})
-    ray.train.report(row, checkpoint=ckpt)
+    # The local copy is in a temp folder; kept, every epoch would leave a model's worth behind.
+    ray.train.report(row, checkpoint=ckpt, delete_local_checkpoint_after_upload=ckpt is not None)
