@@ -140,7 +140,10 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
                 checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max",
             ),
-            worker_runtime_env={"env_vars": runtime.forwarded_env()},
+            worker_runtime_env={
+                # Ray Train's print patch both prints and logs each line: progress came twice.
+                "env_vars": {**runtime.forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+            },
             callbacks=[metrics.CommittedEpochLog(run)],
         ),
         datasets=datasets,
