@@ -52,7 +52,8 @@ def child(folder: str, work: str) -> None:
         "weights/mobilenet_v2-b0353104.pth"
     )
     art = os.path.join(work, "art")
-    from_pretrained("mobilenet_v2", str(weights), "imagenet", art, ("torchscript",))
+    # ONNX: the CPU format, and the 20k run takes half as long as with TorchScript.
+    from_pretrained("mobilenet_v2", str(weights), "imagenet", art, ("onnx",))
     runtime.init_ray()
     summary = label(
         LabelConfig(model=art, input=folder, output=os.path.join(work, "out")),
