@@ -206,7 +206,8 @@ def run_jobs_label(files: list[str], out: str) -> float:
     art = os.path.join(work, "art")
     subprocess.run(
         [sys.executable, "-m", "jobs.export", "--model", "mobilenet_v2", "--pretrained"]
-        + [mobilenet_weights(), "--classes", "imagenet", "--output", art],
+        # ONNX: on one CPU thread onnxruntime outruns eager PyTorch on two (benchmarks/RESULTS.md).
+        + [mobilenet_weights(), "--classes", "imagenet", "--format", "onnx", "--output", art],
         cwd=ROOT,
         check=True,
         stdout=subprocess.DEVNULL,
