@@ -21,7 +21,7 @@ def read(run: str) -> list[dict[str, Any]]:
 
 
 def append(run: str, row: dict[str, Any]) -> None:
-    """Add ``row`` unless its epoch already has a line at or after its resume point."""
+    """Add ``row`` unless the file already holds it: same epoch, same resume point."""
     # Object stores cannot append, and the file is a few kB, so it is rewritten whole.
     rows = read(run)
     if any(r["epoch"] == row["epoch"] and r["start_epoch"] == row["start_epoch"] for r in rows):
