@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,16 @@ def job(*args: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{args[0]} failed with exit code {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def environments(names: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """``default`` (no ``MALLOC_*`` at all) and ``tuned`` (the allocator settings jobs give
+    their own Ray workers), as named in a comma-separated ``names``."""
+    from clf.runtime import WORKER_ALLOCATOR_ENV
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    for name in names.split(","):
+        yield name, base if name == "default" else {**base, **WORKER_ALLOCATOR_ENV}
 
 
 def mobilenet_weights() -> str:

