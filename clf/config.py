@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 from clf.errors import UsageError
 
 Device = Literal["auto", "cpu", "cuda"]
+Decode = Literal["auto", "cpu", "gpu"]
 BASELINE_MODEL = "hog_svm"  # the classical baseline's name wherever a model name is taken
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
 
@@ -166,6 +167,7 @@ class LabelConfig:
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_batch_size: int = 32  # images per CPU decode task
+    decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
 
     def validate(self) -> LabelConfig:
         _positive(self, "top_k", "batch_size", "max_pixels", "decode_batch_size", "gpus_per_actor")

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import artifact, runtime, storage
-from clf.config import EvaluateConfig, LabelConfig
+from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode import DecodeError, decode_image
+from clf.device_decode import decode_on_device, suits_device
 from clf.errors import ClfError, UsageError
 from clf.transforms import Preprocess, eval_transform, normalize
 
@@ -144,25 +145,69 @@ def decode_batch(
     errors = []
     for i, uri in enumerate(batch["uri"]):
         try:
-            data = batch["image"][i] if "image" in batch else storage.read_bytes(uri)
-            image = decode_image(data, min_size=spec.resize, max_pixels=max_pixels)
+            image = decode_image(_read(batch, i, uri), min_size=spec.resize, max_pixels=max_pixels)
             pixels[i] = transform(image).numpy()
             errors.append("")
-        except DecodeError as e:
-            errors.append(str(e))
         except storage.TransientStorageError:
             raise  # Ray retries the task; a row would make a passing fault the input's answer
-        except storage.StorageError as e:
-            errors.append(f"unreadable: {e}")
         except Exception as e:  # a bad row must never end the job
-            errors.append(f"decode failed: {type(e).__name__}")
+            errors.append(_reason(e))
     return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
-class Predictor:
-    """Actor: loads the artifact once, then turns pixel batches into label rows."""
+def read_batch(
+    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """CPU task when the predictor decodes on its GPU: a JPEG that suits nvJPEG travels as its
+    bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels
+    as the crop's raw pixels (kind ``pixels``). Never raises."""
+    spec = Preprocess.from_meta(preprocess)
+    transform = eval_transform(spec)
+    payload, kinds, errors = [], [], []
+    for i, uri in enumerate(batch["uri"]):
+        try:
+            data = _read(batch, i, uri)
+            if suits_device(data, max_pixels):
+                payload.append(data)
+                kinds.append("jpeg")
+            else:
+                image = decode_image(data, min_size=spec.resize, max_pixels=max_pixels)
+                payload.append(transform(image).numpy().tobytes())
+                kinds.append("pixels")
+            errors.append("")
+        except storage.TransientStorageError:
+            raise
+        except Exception as e:
+            payload.append(b"")
+            kinds.append("")
+            errors.append(_reason(e))
+    return {
+        "uri": batch["uri"],
+        "data": np.array(payload, dtype=object),
+        "kind": np.array(kinds, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
 
-    def __init__(self, model_uri: str, top_k: int, prefer_gpu: bool):
+
+def _read(batch: dict[str, np.ndarray], i: int, uri: str) -> bytes:
+    return batch["image"][i] if "image" in batch else storage.read_bytes(uri)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, DecodeError):
+        return str(error)
+    if isinstance(error, storage.StorageError):
+        return f"unreadable: {error}"
+    return f"decode failed: {type(error).__name__}"
+
+
+class Predictor:
+    """Actor: loads the artifact once, then turns pixel batches (``decode_batch``) or
+    bytes-and-pixels batches (``read_batch``, decoded here on the GPU) into label rows."""
+
+    def __init__(
+        self, model_uri: str, top_k: int, prefer_gpu: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
         import torch
 
         self.torch = torch
@@ -172,18 +217,23 @@ class Predictor:
         self.top_k = min(top_k, len(self.classes))
         self.spec = self.artifact.preprocess
         self.cuda = self.device.type == "cuda"
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         torch = self.torch
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        if "pixels" in batch:
+            errors = list(batch["error"])
+            ok = np.array([e == "" for e in errors], dtype=bool)
+            pixels = self._to_device(batch["pixels"][ok])
+        else:
+            pixels, errors = self._decode(batch)
+            ok = np.array([e == "" for e in errors], dtype=bool)
+            pixels = pixels[torch.from_numpy(ok).to(self.device)]
         n = len(ok)
         label_ids = np.zeros(n, dtype=np.int32)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.zeros((n, self.top_k), dtype=np.int64)
         if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            if self.cuda:
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
             with (
                 torch.inference_mode(),
                 torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
@@ -192,19 +242,50 @@ class Predictor:
             top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_ids[ok] = indices[ok, 0]
+        # Columnar: at thousands of rows a second, per-row Python lists cost more than the GPU.
+        failed = ~ok
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * self.top_k)
         rows = {
-            "uri": list(batch["uri"]),
-            "label": [self.classes[i] if good else None for i, good in zip(label_ids, ok)],
-            "label_id": [int(i) if good else None for i, good in zip(label_ids, ok)],
-            "confidence": [float(s[0]) if good else None for s, good in zip(scores, ok)],
-            "topk_labels": [
-                list(self.classes[ix]) if good else None for ix, good in zip(indices, ok)
-            ],
-            "topk_scores": [s.tolist() if good else None for s, good in zip(scores, ok)],
-            "model": [self.artifact.model_id] * n,
-            "error": [None if good else e for e, good in zip(batch["error"], ok)],
+            "uri": pa.array(batch["uri"], pa.string()),
+            "label": pa.array(self.classes[label_ids], pa.string(), mask=failed),
+            "label_id": pa.array(label_ids, pa.int32(), mask=failed),
+            "confidence": pa.array(scores[:, 0], pa.float32(), mask=failed),
+            "topk_labels": pa.ListArray.from_arrays(
+                offsets, pa.array(self.classes[indices.ravel()], pa.string()), mask=pa.array(failed)
+            ),
+            "topk_scores": pa.ListArray.from_arrays(
+                offsets, pa.array(scores.ravel(), pa.float32()), mask=pa.array(failed)
+            ),
+            "model": pa.array([self.artifact.model_id] * n, pa.string()),
+            "error": pa.array([None if good else e for e, good in zip(errors, ok)], pa.string()),
         }
         return pa.table(rows, schema=LABEL_SCHEMA)
+
+    def _to_device(self, pixels: np.ndarray):
+        tensor = self.torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.cuda:
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _decode(self, batch: dict[str, np.ndarray]):
+        """``read_batch`` rows -> uint8 pixels on the device for every row, and the errors."""
+        crop, kinds = self.spec.crop, batch["kind"]
+        errors = list(batch["error"])
+        pixels = self.torch.zeros((len(kinds), 3, crop, crop), dtype=self.torch.uint8)
+        pixels = pixels.to(self.device)
+        done = [i for i, kind in enumerate(kinds) if kind == "pixels"]
+        if done:
+            shape = (3, crop, crop)
+            host = [np.frombuffer(batch["data"][i], dtype=np.uint8).reshape(shape) for i in done]
+            pixels[done] = self._to_device(np.stack(host))
+        jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
+        if jpegs:
+            data = [batch["data"][i] for i in jpegs]
+            decoded, reasons = decode_on_device(data, self.spec, self.device, self.max_pixels)
+            pixels[jpegs] = decoded
+            for i, reason in zip(jpegs, reasons):
+                errors[i] = reason
+        return pixels, errors
 
 
 def part_name(uris: Iterable[str]) -> str:
@@ -249,6 +330,8 @@ def check(cfg: LabelConfig) -> dict[str, Any]:
             f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
         )
     cfg.validate()
+    if cfg.decode == "gpu" and cfg.device == "cpu":
+        raise UsageError("--decode gpu needs the predictor on a GPU, not --device cpu")
     if not cfg.output:
         raise UsageError("--output is required")
     meta = artifact.read_meta(cfg.model)
@@ -326,6 +409,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
     )
     if todo:
         gpu = runtime.use_gpu(cfg.device)
+        if cfg.decode == "gpu" and not gpu:
+            raise UsageError("--decode gpu: the Ray cluster has no GPUs")
+        decode_here = gpu and cfg.decode != "cpu"
         actors = pool_size(cfg, gpu)
         if inputs.kind == "files":
             ds = ray.data.from_items([{"uri": u} for u in todo])
@@ -333,17 +419,21 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             ds = _shard_rows(inputs, set(todo))
         ds = decode_then_infer(
             ds,
-            decode_batch,
+            read_batch if decode_here else decode_batch,
             meta,
             Predictor,
-            {"model_uri": cfg.model, "top_k": cfg.top_k, "prefer_gpu": gpu},
+            {
+                "model_uri": cfg.model,
+                "top_k": cfg.top_k,
+                "prefer_gpu": gpu,
+                "max_pixels": cfg.max_pixels,
+            },
             cfg,
             gpu,
             actors,
         )
-        progress(
-            f"[label] {len(todo)} images -> {actors} predictor actor(s) on {'GPU' if gpu else 'CPU'}"
-        )
+        where = "GPU, JPEG decode there" if decode_here else "GPU" if gpu else "CPU"
+        progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {where}")
         run_started = time.monotonic()
         ds.write_datasink(_datasink(cfg.output))
         summary.seconds = time.monotonic() - run_started

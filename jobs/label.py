@@ -33,6 +33,13 @@ def build_parser():
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
+        "--decode",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where JPEGs decode (default auto: on the predictor's GPU when it has one, "
+        "nvJPEG; other formats always decode on CPUs)",
+    )
+    p.add_argument(
         "--skip-existing", action="store_true", help="label only inputs not yet under --output"
     )
     p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)

@@ -130,6 +130,11 @@ def test_every_job_has_help(name):
             + ["--gpus-per-actor", "1.5"],
             "--gpus-per-actor 1.5: use a share of one GPU (0.5) or a whole number",
         ),
+        (
+            ["jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l"]
+            + ["--decode", "gpu", "--device", "cpu"],
+            "--decode gpu needs the predictor on a GPU",
+        ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
     ],
 )

@@ -4,9 +4,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from clf import artifact
-from clf.labeling import LABEL_SCHEMA, Predictor, decode_batch, list_inputs, part_name
+from clf.device_decode import decode_on_device
+from clf.labeling import (
+    LABEL_SCHEMA,
+    Predictor,
+    decode_batch,
+    list_inputs,
+    part_name,
+    read_batch,
+)
 from clf.models import create_model
 from clf.transforms import Preprocess
 
@@ -184,3 +193,63 @@ def test_only_object_store_faults_other_than_missing_or_denied_are_transient(
     from clf.storage import _transient
 
     assert _transient(uri, OSError(message)) is transient
+
+
+@pytest.fixture(scope="module")
+def messy_archive(tmp_path_factory) -> list[str]:
+    """The bad-input corpus of test_label_corpus, plus a blank JPEG for the device blank check."""
+    from test_label_corpus import build_corpus
+
+    root = tmp_path_factory.mktemp("messy")
+    names = list(build_corpus(root))
+    Image.new("RGB", (320, 240), (250, 250, 250)).save(root / "blank.jpg", quality=95)
+    return sorted(str(root / name) for name in [*names, "blank.jpg"])
+
+
+def test_only_plain_complete_jpegs_are_sent_to_the_device_as_bytes(messy_archive):
+    out = read_batch({"uri": np.array(messy_archive, dtype=object)}, Preprocess().to_meta(), 10**8)
+    kind = {u.rsplit("/", 1)[1]: k for u, k in zip(out["uri"], out["kind"])}
+    for name in ("reference.jpg", "greyscale.JPEG", "exif-1.jpg", "jpeg-named.png", "blank.jpg"):
+        assert kind[name] == "jpeg", name
+    for name in ("progressive.jpg", "cmyk.jpg", "exif-6.jpg", "png-named.jpg", "sixteen-bit.png"):
+        assert kind[name] == "pixels", name  # decoded on the CPU, sent as the crop's pixels
+    for name in ("truncated.jpg", "empty.jpg", "bomb-named.jpg", "corrupt-header.jpg"):
+        assert kind[name] == "", name  # an error row already
+    sent = [d for d, k in zip(out["data"], out["kind"]) if k == "pixels"]
+    assert all(len(d) == 3 * 224 * 224 for d in sent)
+
+
+def test_decoding_on_the_device_gives_every_input_the_cpu_paths_answer(messy_archive, tmp_path):
+    """read_batch -> Predictor decodes JPEGs where the model runs (here the CPU stands in for
+    a GPU): the same error for every input and the same label for every image."""
+    torch.manual_seed(0)
+    spec = Preprocess()
+    art = str(tmp_path)
+    artifact.export(
+        create_model("small_cnn", 4).eval(),
+        art,
+        arch="small_cnn",
+        classes=list("wxyz"),
+        preprocess=spec,
+    )
+    predictor = Predictor(art, top_k=3, prefer_gpu=False)
+    uris = np.array(messy_archive, dtype=object)
+    on_cpu = predictor(decode_batch({"uri": uris}, spec.to_meta(), 10**8)).to_pylist()
+    on_device = predictor(read_batch({"uri": uris}, spec.to_meta(), 10**8)).to_pylist()
+    assert [r["error"] for r in on_device] == [r["error"] for r in on_cpu]
+    blank = messy_archive.index(next(u for u in messy_archive if u.endswith("/blank.jpg")))
+    assert on_device[blank]["error"].startswith("blank or placeholder image (100%")
+    # The CPU decodes large JPEGs at a reduced DCT scale; the device decodes them whole.
+    same = [r["label_id"] for r, u in zip(on_cpu, messy_archive) if "large-" not in u]
+    assert [r["label_id"] for r, u in zip(on_device, messy_archive) if "large-" not in u] == same
+
+
+def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_archive):
+    spec = Preprocess()
+    jpegs = [u for u in messy_archive if u.endswith(".JPEG")]
+    data = [open(u, "rb").read() for u in jpegs]
+    pixels, errors = decode_on_device(data, spec, torch.device("cpu"), 10**8)
+    reference = decode_batch({"uri": np.array(jpegs, dtype=object)}, spec.to_meta(), 10**8)
+    assert errors == [""] * len(jpegs) and list(reference["error"]) == errors
+    difference = np.abs(pixels.numpy().astype(int) - reference["pixels"].astype(int))
+    assert difference.mean() < 0.01 and difference.max() <= 2
