@@ -3,6 +3,8 @@
 - the label Predictor under bf16 autocast with pinned copies: ImageNet-sample top-1 and agreement
   with CPU fp32, then model-bound images/s (pre-decoded uint8 batches -> label rows);
 - CPU decode throughput of the same images (decode_batch in a thread pool);
+- JPEG decode on the GPU (read_batch, then the Predictor decodes with nvJPEG): top-1 agreement
+  with CPU decode, and decode + resize + blank check images/s;
 - training steps with AMP (bf16) and channels_last: images/s.
 
 Prints one JSON line; usage: python benchmarks/gpu_check.py WEIGHTS IMAGENET_SAMPLES_DIR
@@ -22,7 +24,8 @@ import numpy as np
 import torch
 
 from clf import artifact, exporting
-from clf.labeling import Predictor, decode_batch
+from clf.device_decode import decode_on_device
+from clf.labeling import Predictor, decode_batch, read_batch
 from clf.models import create_model
 from clf.transforms import Preprocess, normalize
 
@@ -66,6 +69,19 @@ def main(weights: str, samples: str) -> dict:
     out["gpu_bf16_top1"] = float(np.mean(np.array(gpu_ids) == np.array(truth)))
     out["cpu_fp32_top1"] = float(np.mean(np.array(cpu_ids) == np.array(truth)))
     out["gpu_cpu_top1_agreement"] = float(np.mean(np.array(gpu_ids) == np.array(cpu_ids)))
+
+    read = [read_batch({"uri": c}, spec, 10**8) for c in chunks]
+    out["device_decoded_share"] = float(
+        np.mean(np.concatenate([r["kind"] for r in read]) == "jpeg")
+    )
+    device_ids = sum((gpu(r).column("label_id").to_pylist() for r in read), [])
+    out["device_decode_top1"] = float(np.mean(np.array(device_ids) == np.array(truth)))
+    out["device_vs_cpu_decode_top1_agreement"] = float(
+        np.mean(np.array(device_ids) == np.array(gpu_ids))
+    )
+    jpegs = [open(uris[i % len(uris)], "rb").read() for i in range(256)]
+    seconds = timed(lambda: decode_on_device(jpegs, gpu.spec, gpu.device, 10**8), 5)
+    out["device_decode_img_per_s_batch256"] = 256 / seconds
 
     pixels = np.resize(np.concatenate([d["pixels"] for d in decoded]), (512, 3, 224, 224))
     batch = {

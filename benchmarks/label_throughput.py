@@ -15,6 +15,9 @@ Images/s is inputs over the method's wall time from its first image to its outpu
 environment and with the best glibc allocator settings given to every method.
 
     python -m benchmarks.label_throughput [--images 2000] [--envs default,tuned]
+
+On a machine with a GPU, (d) and jobs.label run there (bf16 autocast, channels_last, TorchScript
+artifact); ``--arch resnet50`` and ``--random-init`` serve a GPU host without the weights package.
 """
 
 from __future__ import annotations
@@ -36,27 +39,48 @@ SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
 METHODS = ("seeds", "pytorch", "ray-docs", "bound", "jobs.label")
 
 
-def corpus(folder: str, count: int) -> list[str]:
+def corpus(folder: str, count: int, samples: str = str(SAMPLES)) -> list[str]:
     """``count`` real JPEGs: the samples, cycled under new names so every file is distinct."""
-    names = sorted(os.listdir(SAMPLES))
+    names = sorted(n for n in os.listdir(samples) if n.lower().endswith((".jpeg", ".jpg")))
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(count):
         source = names[i % len(names)]
         path = os.path.join(folder, f"{i:06d}_{source}")
         if not os.path.exists(path):
-            shutil.copyfile(SAMPLES / source, path)
+            shutil.copyfile(os.path.join(samples, source), path)
         paths.append(path)
     return paths
 
 
-def model():
+def weights_file(arch: str, random_init: bool) -> str:
+    """The state dict every method loads: MobileNetV2's shipped ImageNet weights, or a seeded
+    random init (throughput does not depend on the weights' values)."""
+    if arch == "mobilenet_v2" and not random_init:
+        return mobilenet_weights()
     import torch
     import torchvision
 
-    net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(mobilenet_weights(), weights_only=True))
+    path = os.path.join(tempfile.gettempdir(), f"clf-bench-random-{arch}.pth")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(arch).state_dict(), path)
+    return path
+
+
+def model(arch: str, weights: str):
+    import torch
+    import torchvision
+
+    net = torchvision.models.get_model(arch)
+    net.load_state_dict(torch.load(weights, weights_only=True))
     return net.eval()
+
+
+def gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def transform():
@@ -92,11 +116,11 @@ def write_rows(path: str, uris: list[str], scores, indices) -> None:
 # Methods (each in its own process; each returns the seconds of its labelling work)
 
 
-def run_seeds(files: list[str], out: str) -> float:
+def run_seeds(files: list[str], out: str, arch: str, weights: str) -> float:
     import torch
     from PIL import Image
 
-    net, tf = model(), transform()
+    net, tf = model(arch, weights), transform()
     started = time.perf_counter()
     scores, indices = [], []
     with torch.no_grad():
@@ -122,11 +146,11 @@ class Files:
         return self.tf(Image.open(self.files[i]).convert("RGB"))
 
 
-def run_pytorch(files: list[str], out: str) -> float:
+def run_pytorch(files: list[str], out: str, arch: str, weights: str) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    net = model()
+    net = model(arch, weights)
     started = time.perf_counter()
     scores, indices = [], []
     loader = DataLoader(Files(files), batch_size=64, num_workers=2)
@@ -140,8 +164,8 @@ def run_pytorch(files: list[str], out: str) -> float:
 
 
 class DocsClassifier:
-    def __init__(self):
-        self.net = model()
+    def __init__(self, arch: str, weights: str):
+        self.net = model(arch, weights)
 
     def __call__(self, batch):
         import torch
@@ -155,7 +179,7 @@ class DocsClassifier:
         }
 
 
-def run_ray_docs(files: list[str], out: str) -> float:
+def run_ray_docs(files: list[str], out: str, arch: str, weights: str) -> float:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -170,41 +194,55 @@ def run_ray_docs(files: list[str], out: str) -> float:
 
     started = time.perf_counter()
     ray.data.read_images(files, mode="RGB", include_paths=True).map(preprocess).map_batches(
-        DocsClassifier, compute=ActorPoolStrategy(size=1), batch_size=64
+        DocsClassifier,
+        fn_constructor_kwargs={"arch": arch, "weights": weights},
+        compute=ActorPoolStrategy(size=1),
+        batch_size=64,
     ).write_parquet(out)
     seconds = time.perf_counter() - started
     ray.shutdown()
     return seconds
 
 
-def run_bound(files: list[str], out: str) -> float:
-    """Forward passes on pre-decoded tensors at the best of a few batch sizes; scaled to N."""
+def run_bound(files: list[str], out: str, arch: str, weights: str) -> float:
+    """Forward passes on pre-decoded tensors at the best of a few batch sizes; scaled to N.
+    On a GPU: bf16 autocast and channels_last, as jobs.label's predictor runs there."""
     import torch
     from PIL import Image
 
-    net, tf = model(), transform()
-    tensors = torch.stack([tf(Image.open(p).convert("RGB")) for p in files[:128]])
+    cuda = gpu()
+    device = torch.device("cuda" if cuda else "cpu")
+    net, tf = model(arch, weights).to(device), transform()
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    count = 512 if cuda else 128
+    tensors = torch.stack([tf(Image.open(p).convert("RGB")) for p in files[:count]]).to(device)
     best = 0.0
-    with torch.inference_mode():
-        for batch in (1, 8, 32, 64):
+    with torch.inference_mode(), torch.autocast("cuda", enabled=cuda, dtype=torch.bfloat16):
+        for batch in (64, 256, 512) if cuda else (1, 8, 32, 64):
             net(tensors[:batch])  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
             started, seen = time.perf_counter(), 0
-            while seen < 128:
-                net(tensors[seen % 128 : seen % 128 + batch])
+            while seen < count * (8 if cuda else 1):
+                net(tensors[seen % count : seen % count + batch]).float().softmax(1).topk(5)
                 seen += batch
+            if cuda:
+                torch.cuda.synchronize()
             rate = seen / (time.perf_counter() - started)
             print(f"  bound at batch {batch}: {rate:.1f} img/s", flush=True)
             best = max(best, rate)
     return len(files) / best
 
 
-def run_jobs_label(files: list[str], out: str) -> float:
+def run_jobs_label(files: list[str], out: str, arch: str, weights: str) -> float:
     work = tempfile.mkdtemp(prefix="bench-label-")
     art = os.path.join(work, "art")
+    # ONNX on CPU: on one thread onnxruntime outruns eager PyTorch on two (RESULTS.md).
+    fmt = "torchscript" if gpu() else "onnx"
     subprocess.run(
-        [sys.executable, "-m", "jobs.export", "--model", "mobilenet_v2", "--pretrained"]
-        # ONNX: on one CPU thread onnxruntime outruns eager PyTorch on two (benchmarks/RESULTS.md).
-        + [mobilenet_weights(), "--classes", "imagenet", "--format", "onnx", "--output", art],
+        [sys.executable, "-m", "jobs.export", "--model", arch, "--pretrained", weights]
+        + ["--classes", "imagenet", "--format", fmt, "--output", art],
         cwd=ROOT,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -231,19 +269,25 @@ RUNNERS = {
 }
 
 
-def measure(method: str, folder: str, count: int, env: dict[str, str]) -> float:
+def measure(method: str, files: list[str], env: dict[str, str], arch: str, weights: str) -> float:
     out = tempfile.mkdtemp(prefix=f"bench-{method}-")
     output = out if method in ("jobs.label", "ray-docs") else os.path.join(out, "rows.parquet")
+    listing = f"{out}.files.json"
+    with open(listing, "w") as f:
+        json.dump(files, f)
     code = (
-        "import json, sys; from benchmarks.label_throughput import RUNNERS, corpus; "
-        f"print(json.dumps(RUNNERS[{method!r}](corpus({folder!r}, {count}), {output!r})))"
+        "import json; from benchmarks.label_throughput import RUNNERS; "
+        f"files = json.load(open({listing!r})); "
+        f"print(json.dumps(RUNNERS[{method!r}](files, {output!r}, {arch!r}, {weights!r})))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
+    if done.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
     for line in done.stdout.splitlines()[:-1]:
         print(line)
-    return count / float(done.stdout.strip().splitlines()[-1])
+    return len(files) / float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -251,23 +295,33 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--envs", default="default,tuned")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--arch", default="mobilenet_v2", help="a torchvision model name")
+    p.add_argument("--random-init", action="store_true", help="seeded random weights")
+    p.add_argument("--samples", default=str(SAMPLES), help="folder of JPEGs to cycle")
     args = p.parse_args()
+    weights = weights_file(args.arch, args.random_init or args.arch != "mobilenet_v2")
     folder = os.path.join(tempfile.gettempdir(), f"clf-label-bench-{args.images}")
-    corpus(folder, args.images)
+    files = corpus(folder, args.images, args.samples)
+    device = "CPU only"
+    if gpu():
+        import torch
+
+        device = torch.cuda.get_device_name(0)
     print(
-        f"label throughput: MobileNetV2, {args.images} real JPEGs, {os.cpu_count()} CPUs, "
-        f"{time.strftime('%Y-%m-%d')}"
+        f"label throughput: {args.arch} ({os.path.basename(weights)}), {args.images} real JPEGs, "
+        f"{os.cpu_count()} CPUs, {device}, {time.strftime('%Y-%m-%d')}"
     )
     for env_name, env in environments(args.envs):
         rates = {}
         for method in args.methods.split(","):
-            rates[method] = measure(method, folder, args.images, env)
+            rates[method] = measure(method, files, env, args.arch, weights)
             print(f"  {env_name:<7} {method:<10} {rates[method]:7.1f} img/s", flush=True)
         peers = {m: r for m, r in rates.items() if m in ("seeds", "pytorch", "ray-docs")}
-        fastest = max(peers, key=peers.get)
+        fastest = max(peers, key=peers.get) if peers else None
         print(f"\n== {env_name} environment (fastest of a-c: {fastest}) ==")
         for method, rate in rates.items():
-            print(f"{method:<10} {rate:7.1f} img/s  {rate / peers[fastest]:5.2f}x fastest a-c")
+            ratio = f"  {rate / peers[fastest]:5.2f}x fastest a-c" if fastest else ""
+            print(f"{method:<10} {rate:7.1f} img/s{ratio}")
         if "jobs.label" in rates:
             mine = rates["jobs.label"]
             if "ray-docs" in rates:
