@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,13 @@ from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, me
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
 from clf.training import metrics
-from clf.training.data import BalancedResampler, balanced_weights, channel_stats
+from clf.training.data import (
+    CACHED_SPLIT_BYTES,
+    BalancedResampler,
+    balanced_weights,
+    channel_stats,
+    split_bytes,
+)
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
 from clf.training.preview import preview_augmentations
@@ -180,3 +187,13 @@ def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tm
     assert 0 <= summary["val_acc"] <= 1 and "f1_macro" in summary["metrics"]
     assert (tmp_path / "run" / "model" / "meta.json").exists()
     assert "ray" not in done.stderr.lower()
+
+
+def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store(hymenoptera_shards):
+    on_disk = sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(os.path.join(hymenoptera_shards, "train"))
+        for name in names
+    )
+    assert split_bytes(hymenoptera_shards, "train") == on_disk
+    assert 0 < on_disk <= CACHED_SPLIT_BYTES  # cached: no read tasks in every epoch

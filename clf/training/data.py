@@ -19,14 +19,28 @@ from clf import storage
 from clf.decode import DecodeError, decode_image
 from clf.transforms import Preprocess, decode_size, eval_transform, train_transform
 
+# A split this small is read once into the object store. Re-read every epoch, it starts read
+# tasks (on a small machine, fresh worker processes) that compete with the training step.
+CACHED_SPLIT_BYTES = 256 * 2**20
+
 
 def read_split(data: str, split: str, read_cpus: float):
     import ray
 
     fs, path = storage.resolve(storage.join(data, split))
-    return ray.data.read_parquet(
+    ds = ray.data.read_parquet(
         path, filesystem=fs, columns=["image", "label"], ray_remote_args={"num_cpus": read_cpus}
     )
+    return ds.materialize() if split_bytes(data, split) <= CACHED_SPLIT_BYTES else ds
+
+
+def split_bytes(data: str, split: str) -> int:
+    """What a split's shards take in storage."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(storage.join(data, split))
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(f.size for f in files if f.type == pafs.FileType.File)
 
 
 def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:
