@@ -28,9 +28,7 @@ def read_split(data: str, split: str, read_cpus: float):
     import ray
 
     fs, path = storage.resolve(storage.join(data, split))
-    ds = ray.data.read_parquet(
-        path, filesystem=fs, columns=["image", "label"], ray_remote_args={"num_cpus": read_cpus}
-    )
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["image", "label"], num_cpus=read_cpus)
     return ds.materialize() if split_bytes(data, split) <= CACHED_SPLIT_BYTES else ds
 
 
