@@ -411,7 +411,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         gpu = runtime.use_gpu(cfg.device)
         if cfg.decode == "gpu" and not gpu:
             raise UsageError("--decode gpu: the Ray cluster has no GPUs")
-        decode_here = gpu and cfg.decode != "cpu"
+        decode_here = cfg.decode == "gpu" or (
+            gpu and cfg.decode == "auto" and runtime.gpu_has_cuda(cfg.gpus_per_actor)
+        )
         actors = pool_size(cfg, gpu)
         if inputs.kind == "files":
             ds = ray.data.from_items([{"uri": u} for u in todo])

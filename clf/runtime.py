@@ -100,6 +100,26 @@ def use_gpu(device: str) -> bool:
     return gpus > 0
 
 
+def gpu_has_cuda(gpus_per_actor: float) -> bool:
+    """Whether a task given a predictor's share of a GPU finds a CUDA driver there. A node can
+    declare GPUs it lacks (a test cluster, a mislabelled node); its actor then infers on CPU,
+    and JPEGs must keep decoding in CPU tasks. Loads libcuda only: importing torch takes
+    seconds."""
+    import ray
+
+    @ray.remote(num_gpus=min(gpus_per_actor, 1.0), num_cpus=0)
+    def probe() -> bool:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libcuda.so.1")
+            return True
+        except OSError:
+            return False
+
+    return ray.get(probe.remote())
+
+
 def torch_device(prefer_gpu: bool = True):
     """The device for this process: CUDA when asked for and present, else CPU (clean fallback)."""
     import torch

@@ -103,7 +103,9 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
 
     (predictor,) = records(predictors)  # one actor: one per GPU
     assert predictor == {"node": cluster["gpu"], "gpus": ["0"], "device": "cpu"}
+    # With no CUDA driver behind the declared GPU, JPEGs are not sent to it as bytes either.
     assert {r["node"] for r in records(decodes)} == {cluster["cpu"]}
+    assert not runtime.gpu_has_cuda(1.0)
 
 
 def test_train_spreads_two_workers_over_two_nodes(cluster, tmp_path, monkeypatch):
