@@ -39,7 +39,7 @@ def train_command(data: str, run: str) -> list[str]:
         "--model",
         "small_cnn",
         "--input-size",
-        "64",
+        "96",  # epochs of a few seconds, so that a kill lands inside one
         "--epochs",
         str(EPOCHS),
         "--batch-size",
@@ -104,8 +104,7 @@ def test_a_killed_worker_is_replaced_then_a_killed_job_rerun_continues_where_it_
     run = str(tmp_path / "run")
     job = start(shards, run)
     try:
-        wait_for_epochs(run, job, 1)
-        time.sleep(2)  # into the second epoch
+        wait_for_epochs(run, job, 1)  # epoch 0 is committed: the workers are in epoch 1
         workers = training_workers(job)
         assert len(workers) == 2, [w.cmdline() for w in workers]
         workers[-1].kill()
