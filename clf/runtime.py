@@ -112,10 +112,15 @@ def gpu_has_cuda(gpus_per_actor: float) -> bool:
         import ctypes
 
         try:
-            ctypes.CDLL("libcuda.so.1")
-            return True
+            driver = ctypes.CDLL("libcuda.so.1")
         except OSError:
             return False
+        count = ctypes.c_int(0)  # a driver library without a device (some containers) is no GPU
+        return (
+            driver.cuInit(0) == 0
+            and driver.cuDeviceGetCount(ctypes.byref(count)) == 0
+            and count.value > 0
+        )
 
     return ray.get(probe.remote())
 
