@@ -15,6 +15,7 @@ import importlib.resources
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +70,10 @@ def main() -> None:
         / "weights/mobilenet_v2-b0353104.pth"
     )
     digits, photos = f"{OUT}/digits-src", f"{OUT}/photos"
+    # Every demo runs its jobs afresh: a second run would otherwise resume the finished training
+    # run and be refused labelling into outputs of the first run's model.
+    for outputs in ("digits", "run", "imagenet-model", "labels-digits", "labels-imagenet"):
+        shutil.rmtree(f"{OUT}/{outputs}", ignore_errors=True)
     if not os.path.isdir(digits):
         write_digits(digits)
     if not os.path.isdir(photos):
