@@ -5,7 +5,7 @@ resize about 2,000 (benchmarks/RESULTS.md).
 The CPU task still reads the bytes and parses the header (Pillow reads no pixel data for that).
 Only the plain case goes to the GPU: a complete baseline RGB or greyscale JPEG without EXIF
 rotation, inside the pixel limits. Everything else, and anything nvJPEG rejects, is decoded on
-the CPU by ``decode.decode_image``, so every error reason stays the CPU path's.
+the CPU by ``transforms.eval_pixels``, so every error reason stays the CPU path's.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import warnings
 import torch
 from PIL import Image
 
-from clf.decode import DEFAULT_MAX_ONE_COLOUR, DecodeError, decode_image
-from clf.transforms import Preprocess, eval_transform
+from clf.decode import DEFAULT_MAX_ONE_COLOUR, DecodeError
+from clf.transforms import Preprocess, eval_pixels, eval_transform
 
 # Larger photos decode faster on the CPU at reduced scale (draft) than in full on the GPU, and
 # a batch of them would take gigabytes of GPU memory.
@@ -29,7 +29,7 @@ BLANK_SAMPLE = 128
 
 def suits_device(data: bytes, max_pixels: int) -> bool:
     """True for a JPEG that nvJPEG decodes exactly as the CPU path would (orientation, colour,
-    completeness); False sends it to ``decode_image`` on the CPU."""
+    completeness); False sends it to ``eval_pixels`` on the CPU."""
     if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         return False  # not a JPEG, or truncated: the CPU path names the reason
     try:
@@ -98,10 +98,7 @@ def _decode_on_cpu(
     data: bytes, spec: Preprocess, max_pixels: int, max_one_colour: float | None
 ) -> tuple[torch.Tensor, str]:
     try:
-        image = decode_image(
-            data, min_size=spec.resize, max_pixels=max_pixels, max_one_colour=max_one_colour
-        )
-        return eval_transform(spec)(image), ""
+        return eval_pixels(data, spec, max_pixels, max_one_colour), ""
     except DecodeError as e:
         return torch.zeros(3, spec.crop, spec.crop, dtype=torch.uint8), str(e)
 

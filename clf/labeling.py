@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 
 from clf import artifact, runtime, storage
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
-from clf.decode import DecodeError, decode_image
+from clf.decode import DecodeError
 from clf.device_decode import decode_on_device, suits_device
 from clf.errors import ClfError, UsageError
-from clf.transforms import Preprocess, eval_transform, normalize
+from clf.transforms import Preprocess, eval_pixels, normalize
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -140,13 +140,11 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
     spec = Preprocess.from_meta(preprocess)
-    transform = eval_transform(spec)
     pixels = np.zeros((len(batch["uri"]), 3, spec.crop, spec.crop), dtype=np.uint8)
     errors = []
     for i, uri in enumerate(batch["uri"]):
         try:
-            image = decode_image(_read(batch, i, uri), min_size=spec.resize, max_pixels=max_pixels)
-            pixels[i] = transform(image).numpy()
+            pixels[i] = eval_pixels(_read(batch, i, uri), spec, max_pixels).numpy()
             errors.append("")
         except storage.TransientStorageError:
             raise  # Ray retries the task; a row would make a passing fault the input's answer
@@ -162,7 +160,6 @@ def read_batch(
     bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels
     as the crop's raw pixels (kind ``pixels``). Never raises."""
     spec = Preprocess.from_meta(preprocess)
-    transform = eval_transform(spec)
     payload, kinds, errors = [], [], []
     for i, uri in enumerate(batch["uri"]):
         try:
@@ -171,8 +168,7 @@ def read_batch(
                 payload.append(data)
                 kinds.append("jpeg")
             else:
-                image = decode_image(data, min_size=spec.resize, max_pixels=max_pixels)
-                payload.append(transform(image).numpy().tobytes())
+                payload.append(eval_pixels(data, spec, max_pixels).numpy().tobytes())
                 kinds.append("pixels")
             errors.append("")
         except storage.TransientStorageError:

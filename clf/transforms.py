@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from clf.config import AugmentConfig
+from clf.decode import DEFAULT_MAX_ONE_COLOUR, decode_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +71,20 @@ def eval_transform(spec: Preprocess) -> v2.Compose:
             v2.PILToTensor(),
         ]
     )
+
+
+def eval_pixels(
+    data: bytes,
+    spec: Preprocess,
+    max_pixels: int,
+    max_one_colour: float | None = DEFAULT_MAX_ONE_COLOUR,
+) -> torch.Tensor:
+    """Encoded image -> its eval crop, uint8 CHW, decoded at reduced scale where the resize
+    allows; raises ``DecodeError`` with the reason."""
+    image = decode_image(
+        data, min_size=spec.resize, max_pixels=max_pixels, max_one_colour=max_one_colour
+    )
+    return eval_transform(spec)(image)
 
 
 def train_transform(spec: Preprocess, aug: AugmentConfig) -> v2.Compose:
