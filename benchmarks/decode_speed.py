@@ -19,7 +19,8 @@ import torch
 
 from benchmarks._jobs import SHARED
 from clf.decode import decode_image
-from clf.transforms import Preprocess, eval_transform
+from clf.preprocess import Preprocess
+from clf.transforms import eval_transform
 
 
 def rate(images: list[bytes], min_size: int | None, repeats: int) -> float:

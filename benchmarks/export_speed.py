@@ -32,7 +32,8 @@ import torch
 from clf import artifact, models, runtime
 from clf.decode import decode_image
 from clf.formats import INT8_MIN_AGREEMENT
-from clf.transforms import Preprocess, eval_transform, normalize
+from clf.preprocess import Preprocess
+from clf.transforms import eval_transform, normalize
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FORMATS = ("torchscript", "onnx", "int8")

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from clf import artifact, exporting
+from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
-from clf.labeling import Predictor, decode_batch, read_batch
+from clf.labeling import Predictor
 from clf.models import create_model
-from clf.transforms import Preprocess, normalize
+from clf.preprocess import Preprocess
+from clf.transforms import normalize
 
 
 def timed(fn, repeats: int) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from clf import formats as fmts
 from clf import storage
 from clf.errors import ModelLoadError, UsageError
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 FORMATS = fmts.FORMATS
 RANDOM_SAMPLE = "random tensors (no real images given)"

@@ -5,47 +5,21 @@ resize about 2,000 (benchmarks/RESULTS.md).
 The CPU task still reads the bytes and parses the header (Pillow reads no pixel data for that).
 Only the plain case goes to the GPU: a complete baseline RGB or greyscale JPEG without EXIF
 rotation, inside the pixel limits. Everything else, and anything nvJPEG rejects, is decoded on
-the CPU by ``transforms.eval_pixels``, so every error reason stays the CPU path's.
+the CPU by ``preprocess.eval_pixels``, so every error reason stays the CPU path's.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import torch
-from PIL import Image
 
 from clf.decode import DEFAULT_MAX_ONE_COLOUR, DecodeError
-from clf.transforms import Preprocess, eval_pixels, eval_transform
+from clf.preprocess import Preprocess, eval_pixels
+from clf.transforms import eval_transform
 
-# Larger photos decode faster on the CPU at reduced scale (draft) than in full on the GPU, and
-# a batch of them would take gigabytes of GPU memory.
-MAX_DEVICE_PIXELS = 16_000_000
-EXIF_ORIENTATION = 0x0112
 # Pillow's nearest-neighbour sample for the blank check is at most 128 x 128.
 BLANK_SAMPLE = 128
-
-
-def suits_device(data: bytes, max_pixels: int) -> bool:
-    """True for a JPEG that nvJPEG decodes exactly as the CPU path would (orientation, colour,
-    completeness); False sends it to ``eval_pixels`` on the CPU."""
-    if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        return False  # not a JPEG, or truncated: the CPU path names the reason
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            return (
-                image.format == "JPEG"
-                and image.mode in ("RGB", "L")
-                and not image.info.get("progressive")
-                and 0 < width * height <= min(max_pixels, MAX_DEVICE_PIXELS)
-                and image.getexif().get(EXIF_ORIENTATION, 1) == 1
-            )
-    except Exception:
-        return False
 
 
 def decode_on_device(
@@ -98,7 +72,7 @@ def _decode_on_cpu(
     data: bytes, spec: Preprocess, max_pixels: int, max_one_colour: float | None
 ) -> tuple[torch.Tensor, str]:
     try:
-        return eval_pixels(data, spec, max_pixels, max_one_colour), ""
+        return torch.from_numpy(eval_pixels(data, spec, max_pixels, max_one_colour)), ""
     except DecodeError as e:
         return torch.zeros(3, spec.crop, spec.crop, dtype=torch.uint8), str(e)
 

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 
 from clf import artifact, baseline, diagnostics, evaluation, runtime, storage
 from clf.config import EvaluateConfig
+from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
 from clf.ingest import read_classes
-from clf.labeling import decode_batch, decode_then_infer, pool_size
+from clf.labeling import decode_then_infer, pool_size
 from clf.transforms import normalize
 
 
@@ -200,18 +201,6 @@ def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 # Ray Data pipeline
 
 
-def decode_rows(batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int) -> dict:
-    """CPU task: jobs.label's decode, keeping each row's label and shard."""
-    out = decode_batch({"uri": batch["key"], "image": batch["image"]}, preprocess, max_pixels)
-    return {
-        "key": batch["key"],
-        "path": batch["path"],
-        "label": batch["label"],
-        "pixels": out["pixels"],
-        "error": out["error"],
-    }
-
-
 class Scorer:
     """Actor: loads the artifact once, then turns pixel batches into class probabilities."""
 
@@ -261,6 +250,9 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
         include_paths=True,
         num_cpus=0.25,
     )
+    # Without this, one decode task takes a whole read block and holds its output until 128 MiB
+    # of pixels are ready, so inference waited for ~900 images to decode before starting.
+    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
     ds = decode_then_infer(
         ds,
         decode_rows,

@@ -19,7 +19,8 @@ from PIL import Image
 from clf import artifact, models, storage
 from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
-from clf.transforms import Preprocess, eval_transform, normalize
+from clf.preprocess import Preprocess
+from clf.transforms import eval_transform, normalize
 
 SAMPLE_IMAGES = 256
 PACKAGED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # skimage.data, no download

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 
 from clf import artifact, runtime, storage
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
-from clf.decode import DecodeError
-from clf.device_decode import decode_on_device, suits_device
+from clf.decode_tasks import decode_batch, read_batch
+from clf.device_decode import decode_on_device
 from clf.errors import ClfError, UsageError
-from clf.transforms import Preprocess, eval_pixels, normalize
+from clf.preprocess import Preprocess
+from clf.transforms import normalize
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -133,68 +134,6 @@ def _check_job(cfg: LabelConfig, model_id: str) -> None:
 
 # ------------------------------------------------------------------------------------------
 # Pipeline stages
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
-) -> dict[str, np.ndarray]:
-    """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
-    spec = Preprocess.from_meta(preprocess)
-    pixels = np.zeros((len(batch["uri"]), 3, spec.crop, spec.crop), dtype=np.uint8)
-    errors = []
-    for i, uri in enumerate(batch["uri"]):
-        try:
-            pixels[i] = eval_pixels(_read(batch, i, uri), spec, max_pixels).numpy()
-            errors.append("")
-        except storage.TransientStorageError:
-            raise  # Ray retries the task; a row would make a passing fault the input's answer
-        except Exception as e:  # a bad row must never end the job
-            errors.append(_reason(e))
-    return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
-
-
-def read_batch(
-    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
-) -> dict[str, np.ndarray]:
-    """CPU task when the predictor decodes on its GPU: a JPEG that suits nvJPEG travels as its
-    bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels
-    as the crop's raw pixels (kind ``pixels``). Never raises."""
-    spec = Preprocess.from_meta(preprocess)
-    payload, kinds, errors = [], [], []
-    for i, uri in enumerate(batch["uri"]):
-        try:
-            data = _read(batch, i, uri)
-            if suits_device(data, max_pixels):
-                payload.append(data)
-                kinds.append("jpeg")
-            else:
-                payload.append(eval_pixels(data, spec, max_pixels).numpy().tobytes())
-                kinds.append("pixels")
-            errors.append("")
-        except storage.TransientStorageError:
-            raise
-        except Exception as e:
-            payload.append(b"")
-            kinds.append("")
-            errors.append(_reason(e))
-    return {
-        "uri": batch["uri"],
-        "data": np.array(payload, dtype=object),
-        "kind": np.array(kinds, dtype=object),
-        "error": np.array(errors, dtype=object),
-    }
-
-
-def _read(batch: dict[str, np.ndarray], i: int, uri: str) -> bytes:
-    return batch["image"][i] if "image" in batch else storage.read_bytes(uri)
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, DecodeError):
-        return str(error)
-    if isinstance(error, storage.StorageError):
-        return f"unreadable: {error}"
-    return f"decode failed: {type(error).__name__}"
 
 
 class Predictor:

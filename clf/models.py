@@ -15,7 +15,7 @@ from torch import nn
 
 from clf import storage
 from clf.errors import ModelLoadError, UsageError
-from clf.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from clf.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 class SmallCNN(nn.Module):

@@ -1,4 +1,4 @@
-"""Preprocessing specs and the train/eval transforms built from them (torchvision transforms v2).
+"""The train and eval transforms built from a ``Preprocess`` spec (torchvision transforms v2).
 
 Per-image transforms stop at a uint8 CHW tensor: a quarter of the bytes of float32 on their way
 to the device. ``normalize`` then runs once per batch, on the device.
@@ -6,7 +6,6 @@ to the device. ``normalize`` then runs once per batch, on the device.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -14,54 +13,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from clf.config import AugmentConfig
-from clf.decode import DEFAULT_MAX_ONE_COLOUR, decode_image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What a model expects of its input; stored in every artifact's meta.json."""
-
-    input_size: int = 224
-    resize: int = 256  # shorter side before the center crop
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @property
-    def crop(self) -> int:
-        return self.input_size
-
-    def to_meta(self) -> dict:
-        meta = asdict(self)
-        meta["crop"] = self.crop
-        meta["mean"], meta["std"] = list(self.mean), list(self.std)
-        return meta
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> Preprocess:
-        return cls(
-            input_size=int(meta["input_size"]),
-            resize=int(meta["resize"]),
-            interpolation=str(meta["interpolation"]),
-            mean=tuple(meta["mean"]),
-            std=tuple(meta["std"]),
-        )
-
-    def with_size(self, input_size: int) -> Preprocess:
-        ratio = self.resize / self.input_size
-        return Preprocess(
-            input_size, round(input_size * ratio), self.interpolation, self.mean, self.std
-        )
+from clf.preprocess import Preprocess
 
 
 def _interp(name: str) -> InterpolationMode:
     return InterpolationMode(name)
 
 
-@lru_cache(maxsize=16)  # stateless, and label decode tasks ask for it once per batch
+@lru_cache(maxsize=16)  # stateless; GPU decode asks for it once per batch
 def eval_transform(spec: Preprocess) -> v2.Compose:
     """Resize the shorter side, then center-crop: the only eval transforms."""
     return v2.Compose(
@@ -71,20 +30,6 @@ def eval_transform(spec: Preprocess) -> v2.Compose:
             v2.PILToTensor(),
         ]
     )
-
-
-def eval_pixels(
-    data: bytes,
-    spec: Preprocess,
-    max_pixels: int,
-    max_one_colour: float | None = DEFAULT_MAX_ONE_COLOUR,
-) -> torch.Tensor:
-    """Encoded image -> its eval crop, uint8 CHW, decoded at reduced scale where the resize
-    allows; raises ``DecodeError`` with the reason."""
-    image = decode_image(
-        data, min_size=spec.resize, max_pixels=max_pixels, max_one_colour=max_one_colour
-    )
-    return eval_transform(spec)(image)
 
 
 def train_transform(spec: Preprocess, aug: AugmentConfig) -> v2.Compose:

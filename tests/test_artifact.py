@@ -13,7 +13,7 @@ from clf import artifact, formats
 from clf.errors import ModelLoadError, UsageError
 from clf.exporting import load_sample
 from clf.models import create_model
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 SPEC = Preprocess(input_size=32, resize=36)
 CLASSES = ["ants", "bees"]

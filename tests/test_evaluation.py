@@ -16,10 +16,11 @@ from PIL import Image
 
 from clf import artifact, baseline, diagnostics, evaluation, plots
 from clf.config import IngestConfig
+from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
-from clf.evaluating import EvaluateConfig, Scorer, align_classes, check, decode_rows, evaluate
+from clf.evaluating import EvaluateConfig, Scorer, align_classes, check, evaluate
 from clf.ingest import ingest
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).
 LABELS = np.array([0, 0, 0, 1, 1, 2])

@@ -26,7 +26,7 @@ from clf import artifact
 from clf.ingest import IngestConfig, ingest
 from clf.labeling import LABEL_SCHEMA, TEMP_FILE, _datasink, list_inputs, read_rows
 from clf.models import create_model
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 pytestmark = pytest.mark.slow
 

@@ -7,17 +7,11 @@ import torch
 from PIL import Image
 
 from clf import artifact
+from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
-from clf.labeling import (
-    LABEL_SCHEMA,
-    Predictor,
-    decode_batch,
-    list_inputs,
-    part_name,
-    read_batch,
-)
+from clf.labeling import LABEL_SCHEMA, Predictor, list_inputs, part_name
 from clf.models import create_model
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 SPEC = Preprocess(input_size=32, resize=36)
 

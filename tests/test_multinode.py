@@ -28,7 +28,7 @@ from clf import artifact, labeling, runtime
 from clf.config import DataConfig, LabelConfig, ModelConfig, TrainConfig
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model
-from clf.transforms import Preprocess
+from clf.preprocess import Preprocess
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ from PIL import Image
 from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
+from clf.preprocess import Preprocess
 from clf.training import metrics
 from clf.training.data import (
     CACHED_SPLIT_BYTES,
@@ -25,7 +26,7 @@ from clf.training.data import (
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
 from clf.training.preview import preview_augmentations
-from clf.transforms import Preprocess, batch_mixer
+from clf.transforms import batch_mixer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from clf import storage
 from clf.decode import DecodeError, decode_image
-from clf.transforms import Preprocess, decode_size, eval_transform, train_transform
+from clf.preprocess import Preprocess
+from clf.transforms import decode_size, eval_transform, train_transform
 
 # A split this small is read once into the object store. Re-read every epoch, it starts read
 # tasks (on a small machine, fresh worker processes) that compete with the training step.

@@ -16,10 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clf import models
 from clf.config import TrainConfig, from_dict
+from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
 from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights
 from clf.training.optim import create_optimizer, create_scheduler
-from clf.transforms import Preprocess, batch_mixer, normalize
+from clf.transforms import batch_mixer, normalize
 
 
 def phase_of(cfg: TrainConfig, epoch: int) -> str:

@@ -13,8 +13,8 @@ from clf import artifact, models, runtime, storage
 from clf.config import BASELINE_MODEL, TrainConfig, to_dict
 from clf.errors import UsageError
 from clf.ingest import read_classes
+from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
-from clf.transforms import Preprocess
 
 
 @dataclass

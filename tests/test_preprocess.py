@@ -1,0 +1,44 @@
+"""The torch-free eval crop that decode tasks use is the v2 eval transform, pixel for pixel."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT
+from PIL import Image
+
+from clf.preprocess import Preprocess, eval_crop
+from clf.transforms import eval_transform
+
+SPECS = [
+    Preprocess(),
+    Preprocess(input_size=224, resize=256, interpolation="bicubic"),
+    Preprocess(input_size=96, resize=110),
+    Preprocess(input_size=32, resize=32, interpolation="lanczos"),
+]
+
+
+def real_images() -> list[Image.Image]:
+    paths = sorted((HYMENOPTERA / "val" / "bees").iterdir())[:6]
+    paths += sorted(IMAGENET_SAMPLES.iterdir())[:6]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    # Portrait, landscape, square and smaller than the crop, so every branch of the size rule runs.
+    return images + [images[0].transpose(Image.Transpose.ROTATE_90), images[1].resize((200, 200))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.input_size}-{s.interpolation}")
+def test_eval_crop_matches_torchvisions_eval_transform(spec):
+    for image in real_images():
+        expected = eval_transform(spec)(image).numpy()
+        got = eval_crop(image, spec)
+        assert got.shape == (3, spec.crop, spec.crop) and got.dtype == np.uint8
+        assert np.array_equal(got, expected), image.size
+
+
+def test_decode_tasks_start_without_torch():
+    """A Ray worker imports a task's module before its first task: torch would cost ~5 s."""
+    code = "import sys, clf.decode_tasks; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
