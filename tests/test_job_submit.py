@@ -54,7 +54,7 @@ def head_processes(marker: str) -> list[int]:
     return pids
 
 
-def stop_head(marker: str, grace_s: float = 15) -> None:
+def stop_head(marker: str, grace_s: float = 3) -> None:
     """SIGTERM each process of this head by id, then SIGKILL whatever is left after grace_s."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
         for pid in head_processes(marker):
