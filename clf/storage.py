@@ -155,6 +155,17 @@ def list_files(uri: str, *, recursive: bool = True, limit: int | None = None) ->
     return files[:limit] if limit is not None else files
 
 
+def total_bytes(uri: str) -> int:
+    """What the files under a folder or prefix take in storage (0 when there are none)."""
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except OSError as e:
+        raise StorageError(f"cannot list {uri}: {_short(e)}") from e
+    return sum(i.size for i in infos if i.type == pafs.FileType.File)
+
+
 def _walk_local(root: str, recursive: bool) -> list[str]:
     # os.scandir knows each entry's type from the directory itself, so a million plain files
     # cost no stat calls; is_file() follows a link and is true only for a regular file.

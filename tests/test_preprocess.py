@@ -38,7 +38,9 @@ def test_eval_crop_matches_torchvisions_eval_transform(spec):
 
 def test_decode_tasks_start_without_torch():
     """A Ray worker imports a task's module before its first task: torch would cost ~5 s."""
-    code = "import sys, clf.decode_tasks; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    code = (
+        "import sys, clf.decode_tasks; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -54,6 +54,13 @@ def test_s3_roundtrip_through_aws_endpoint_url(bucket):
     assert storage.is_dir(f"{bucket}/run") and storage.exists(f"{bucket}/run/x.bin")
 
 
+def test_total_bytes_sums_every_object_under_a_prefix(bucket):
+    storage.write_bytes(f"{bucket}/split/a.parquet", b"abc")
+    storage.write_bytes(f"{bucket}/split/sub/b.parquet", b"defgh")
+    assert storage.total_bytes(f"{bucket}/split") == 8
+    assert storage.total_bytes(f"{bucket}/no-such-split") == 0
+
+
 def test_missing_object_is_a_one_line_error_naming_the_uri(bucket):
     with pytest.raises(StorageError, match=f"not found: {bucket}/nope"):
         storage.read_bytes(f"{bucket}/nope")

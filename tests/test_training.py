@@ -11,6 +11,7 @@ import torch
 from conftest import HYMENOPTERA
 from PIL import Image
 
+from clf import storage
 from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
@@ -21,7 +22,6 @@ from clf.training.data import (
     BalancedResampler,
     balanced_weights,
     channel_stats,
-    split_bytes,
 )
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
@@ -196,5 +196,5 @@ def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store(hyme
         for folder, _, names in os.walk(os.path.join(hymenoptera_shards, "train"))
         for name in names
     )
-    assert split_bytes(hymenoptera_shards, "train") == on_disk
+    assert storage.total_bytes(os.path.join(hymenoptera_shards, "train")) == on_disk
     assert 0 < on_disk <= CACHED_SPLIT_BYTES  # cached: no read tasks in every epoch

@@ -28,18 +28,10 @@ CACHED_SPLIT_BYTES = 256 * 2**20
 def read_split(data: str, split: str, read_cpus: float):
     import ray
 
-    fs, path = storage.resolve(storage.join(data, split))
+    uri = storage.join(data, split)
+    fs, path = storage.resolve(uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["image", "label"], num_cpus=read_cpus)
-    return ds.materialize() if split_bytes(data, split) <= CACHED_SPLIT_BYTES else ds
-
-
-def split_bytes(data: str, split: str) -> int:
-    """What a split's shards take in storage."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(storage.join(data, split))
-    files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sum(f.size for f in files if f.type == pafs.FileType.File)
+    return ds.materialize() if storage.total_bytes(uri) <= CACHED_SPLIT_BYTES else ds
 
 
 def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:
