@@ -1,4 +1,4 @@
-"""The training recipe's parts, without Ray: groups, schedules, sampling, mixing, statistics."""
+"""The training recipe's parts: groups, schedules, sampling, mixing, statistics, split reads."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from clf.training.data import (
     BalancedResampler,
     balanced_weights,
     channel_stats,
+    iter_rows,
+    read_split,
 )
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
@@ -190,11 +192,25 @@ def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tm
     assert "ray" not in done.stderr.lower()
 
 
-def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store(hymenoptera_shards):
+def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store_in_batch_blocks(
+    hymenoptera_shards,
+):
+    import ray
+
+    train = os.path.join(hymenoptera_shards, "train")
     on_disk = sum(
         os.path.getsize(os.path.join(folder, name))
-        for folder, _, names in os.walk(os.path.join(hymenoptera_shards, "train"))
+        for folder, _, names in os.walk(train)
         for name in names
     )
-    assert storage.total_bytes(os.path.join(hymenoptera_shards, "train")) == on_disk
+    assert storage.total_bytes(train) == on_disk
     assert 0 < on_disk <= CACHED_SPLIT_BYTES  # cached: no read tasks in every epoch
+    ray.init(num_cpus=2, logging_level="ERROR")
+    try:
+        ds = read_split(hymenoptera_shards, "train", read_cpus=1, block_rows=16)
+        blocks = [len(block["label"]) for block in ds.iter_batches(batch_size=None)]
+    finally:
+        ray.shutdown()
+    # Ray Train's equal split hands out whole blocks instead of cutting one in a Ray task.
+    assert sum(blocks) == len(list(iter_rows(hymenoptera_shards, "train", 10**6)))
+    assert max(blocks) <= 16 and len(blocks) > 1

@@ -25,13 +25,21 @@ from clf.transforms import decode_size, eval_transform, train_transform
 CACHED_SPLIT_BYTES = 256 * 2**20
 
 
-def read_split(data: str, split: str, read_cpus: float):
+def read_split(data: str, split: str, read_cpus: float, block_rows: int):
+    """A split as a Ray Dataset; a small one is cached in blocks of ``block_rows`` rows.
+
+    Ray Train splits a dataset equally between workers, and a block that must be cut to do so is
+    cut by a Ray task: at the first epoch, on a small machine, a fresh worker process that delays
+    the first batch by seconds. Blocks of a batch's size are handed out whole.
+    """
     import ray
 
     uri = storage.join(data, split)
     fs, path = storage.resolve(uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["image", "label"], num_cpus=read_cpus)
-    return ds.materialize() if storage.total_bytes(uri) <= CACHED_SPLIT_BYTES else ds
+    if storage.total_bytes(uri) > CACHED_SPLIT_BYTES:
+        return ds
+    return ds.repartition(target_num_rows_per_block=block_rows).materialize()
 
 
 def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:

@@ -107,6 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    train_shard = ray.train.get_dataset_shard("train")  # its coordinator starts as the model builds
     cuda = device.type == "cuda"
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -155,10 +156,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     train_collate = DecodeCollate(spec, cfg.augment, resampler)
     val_collate = DecodeCollate(spec)
-    train_shard, val_shard = (
-        ray.train.get_dataset_shard("train"),
-        ray.train.get_dataset_shard("val"),
-    )
     phase: Phase | None = None
     board = metrics.TensorBoard(run) if rank == 0 and cfg.tensorboard else None
 
@@ -210,6 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             totals += tally(loss, logits, labels)
         train_seconds = time.monotonic() - started
         scored = ema.module if ema is not None else model
+        # Asked for at validation, the val split's coordinator does not delay the first batch.
+        val_shard = ray.train.get_dataset_shard("val")
         val_loss, val_acc = evaluate(
             scored, val_shard, val_collate, spec, val_criterion, autocast, cfg
         )

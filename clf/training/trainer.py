@@ -103,11 +103,12 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
     from clf.training.data import read_split
     from clf.training.loop import train_loop_per_worker
 
+    block_rows = cfg.data.batch_size
     datasets = {
-        "train": read_split(cfg.data.path, "train", cfg.data.read_cpus).randomize_block_order(
-            seed=cfg.seed
-        ),
-        "val": read_split(cfg.data.path, "val", cfg.data.read_cpus),
+        "train": read_split(
+            cfg.data.path, "train", cfg.data.read_cpus, block_rows
+        ).randomize_block_order(seed=cfg.seed),
+        "val": read_split(cfg.data.path, "val", cfg.data.read_cpus, block_rows),
     }
     if cfg.data.norm == "dataset":
         progress(f"[train] train-split statistics: mean {spec.mean}, std {spec.std}")
