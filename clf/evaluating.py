@@ -246,10 +246,9 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
     ds = ray.data.read_parquet(
         [storage.resolve(s)[1] for s in target.shards],
         filesystem=fs,
-        columns=["key", "image", "label"],
         include_paths=True,
         num_cpus=0.25,
-    )
+    ).select_columns(["key", "image", "label", "path"])
     # Without this, one decode task takes a whole read block and holds its output until 128 MiB
     # of pixels are ready, so inference waited for ~900 images to decode before starting.
     ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)

@@ -453,6 +453,8 @@ def _shard_rows(inputs: Inputs, todo: set[str]):
         return select_shard_rows(batch, prefix, _partial_keys(partial_ref))
 
     # batch_size=None: a block as read, so small shards are not merged into one big output file.
-    return ray.data.read_parquet(
-        paths, filesystem=fs, columns=["key", "image"], include_paths=True
-    ).map_batches(to_rows, batch_size=None)
+    return (
+        ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+        .select_columns(["key", "image", "path"])
+        .map_batches(to_rows, batch_size=None)
+    )

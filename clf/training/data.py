@@ -36,7 +36,9 @@ def read_split(data: str, split: str, read_cpus: float, block_rows: int):
 
     uri = storage.join(data, split)
     fs, path = storage.resolve(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["image", "label"], num_cpus=read_cpus)
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=read_cpus).select_columns(
+        ["image", "label"]
+    )
     if storage.total_bytes(uri) > CACHED_SPLIT_BYTES:
         return ds
     return ds.repartition(target_num_rows_per_block=block_rows).materialize()
