@@ -133,7 +133,7 @@ def main() -> None:
     sizes = {fmt: os.path.getsize(os.path.join(out, meta["files"][fmt])) / 1e6 for fmt in FORMATS}
     shutil.rmtree(out)
     logits = {name: logits_of(module, images) for name, module in modules.items()}
-    predicted = {name: out.argmax(1) for name, out in logits.items()}
+    predicted = {name: values.argmax(1) for name, values in logits.items()}
     speed = {
         size: fastest_images_per_s(modules, images, size, args.rounds * (4 if size == 1 else 1))
         for size in (1, 32)
