@@ -89,7 +89,7 @@ class TrainConfig:
     device: Device = "auto"
     seed: int = 0
     amp: bool = True  # used only on CUDA
-    channels_last: bool = True  # used only on CUDA
+    channels_last: bool = True  # on CPU too: oneDNN's convolutions run faster in it
     keep_checkpoints: int = 2
     max_failures: int = 3
     early_stopping: int | None = None  # patience: epochs without a better val_acc before stopping

@@ -11,9 +11,11 @@ import tempfile
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 
 from clf.labeling import LABEL_SCHEMA, read_rows
+from clf.training import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -118,6 +120,13 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
     meta = json.load(open(os.path.join(run, "model", "meta.json")))
     assert meta["classes"] == ["ants", "bees"] and meta["source_run"] == run
     assert hymenoptera_run["temp_left"] == set()  # local checkpoint copies go once uploaded
+
+
+def test_training_runs_channels_last_on_cpu_too(hymenoptera_run):
+    folder, _ = checkpoint.best_in_run(hymenoptera_run["run"])
+    first_conv = checkpoint.load_state_uri(folder)["model"]["features.0.0.weight"]
+    assert first_conv.shape == (32, 3, 3, 3)
+    assert first_conv.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bad_inputs_get_one_error_row_each_and_rerun_adds_nothing(hymenoptera_run, bad_files_dir):

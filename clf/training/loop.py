@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg.model.name, len(classes), pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate
     ).to(device)
     torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentations per rank
-    if cuda and cfg.channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=cfg.model.ema_decay) if cfg.model.ema_decay else None
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -181,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if len(batch["label"]) == 0:  # every image of the batch failed to decode
                 continue
             images, labels = normalize(batch["image"], spec), batch["label"]
-            if cuda and cfg.channels_last:
+            if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels
             if mixer is not None:
