@@ -16,14 +16,15 @@ from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, me
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
 from clf.preprocess import Preprocess
-from clf.training import metrics
+from clf.training import data, metrics
 from clf.training.data import (
     CACHED_SPLIT_BYTES,
     BalancedResampler,
     balanced_weights,
     channel_stats,
     iter_rows,
-    read_split,
+    shard_name,
+    worker_datasets,
 )
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
@@ -192,8 +193,8 @@ def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tm
     assert "ray" not in done.stderr.lower()
 
 
-def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store_in_batch_blocks(
-    hymenoptera_shards,
+def test_a_small_split_is_cached_and_split_between_workers_before_training(
+    hymenoptera_shards, monkeypatch
 ):
     import ray
 
@@ -207,10 +208,27 @@ def test_a_split_as_small_as_hymenoptera_is_read_once_into_the_object_store_in_b
     assert 0 < on_disk <= CACHED_SPLIT_BYTES  # cached: no read tasks in every epoch
     ray.init(num_cpus=2, logging_level="ERROR")
     try:
-        ds = read_split(hymenoptera_shards, "train", read_cpus=1, block_rows=16)
-        blocks = [len(block["label"]) for block in ds.iter_batches(batch_size=None)]
+        datasets, streamed = worker_datasets(hymenoptera_shards, 2, 1, block_rows=16, seed=0)
+        labels = {
+            name: [list(block["label"]) for block in ds.iter_batches(batch_size=None)]
+            for name, ds in datasets.items()
+        }
+        monkeypatch.setattr(data, "CACHED_SPLIT_BYTES", 0)
+        big, big_streamed = worker_datasets(hymenoptera_shards, 2, 1, block_rows=16, seed=0)
     finally:
         ray.shutdown()
-    # Ray Train's equal split hands out whole blocks instead of cutting one in a Ray task.
-    assert sum(blocks) == len(list(iter_rows(hymenoptera_shards, "train", 10**6)))
-    assert max(blocks) <= 16 and len(blocks) > 1
+    # Each worker reads its own part: no split coordinator actors, no block cuts mid-epoch.
+    assert streamed == [] and sorted(labels) == ["train_0", "train_1", "val_0", "val_1"]
+    assert [shard_name("train", 1, streamed), shard_name("val", 0, streamed)] == [
+        "train_1",
+        "val_0",
+    ]
+    rows = {name: sum(blocks, []) for name, blocks in labels.items()}
+    train_rows = len(list(iter_rows(hymenoptera_shards, "train", 10**6)))
+    assert len(rows["train_0"]) == len(rows["train_1"]) == train_rows // 2  # DDP: equal steps
+    assert len(rows["val_0"]) + len(rows["val_1"]) == 153  # every val image is scored
+    assert all(set(rows[f"train_{rank}"]) == {0, 1} for rank in (0, 1))  # blocks shuffled first
+    assert max(len(block) for blocks in labels.values() for block in blocks) <= 16
+    # A split too big to cache streams, and Ray Train splits it.
+    assert big_streamed == ["train", "val"] and sorted(big) == ["train", "val"]
+    assert shard_name("val", 1, big_streamed) == "val"

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.dataset import MaterializedDataset
 
 from clf import storage
 from clf.decode import DecodeError, decode_image
@@ -26,12 +28,8 @@ CACHED_SPLIT_BYTES = 256 * 2**20
 
 
 def read_split(data: str, split: str, read_cpus: float, block_rows: int):
-    """A split as a Ray Dataset; a small one is cached in blocks of ``block_rows`` rows.
-
-    Ray Train splits a dataset equally between workers, and a block that must be cut to do so is
-    cut by a Ray task: at the first epoch, on a small machine, a fresh worker process that delays
-    the first batch by seconds. Blocks of a batch's size are handed out whole.
-    """
+    """A split as a Ray Dataset; a small one is cached in blocks of ``block_rows`` rows, so that
+    shuffling the block order mixes the classes that ingest wrote one after the other."""
     import ray
 
     uri = storage.join(data, split)
@@ -42,6 +40,38 @@ def read_split(data: str, split: str, read_cpus: float, block_rows: int):
     if storage.total_bytes(uri) > CACHED_SPLIT_BYTES:
         return ds
     return ds.repartition(target_num_rows_per_block=block_rows).materialize()
+
+
+def worker_datasets(
+    data: str, workers: int, read_cpus: float, block_rows: int, seed: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The train and val datasets for Ray Train, and the names it must split between workers.
+
+    A cached split is split here, once, into ``SPLIT_RANK`` datasets. Left to Ray Train, its
+    streaming split starts a coordinator actor per dataset and cuts blocks in Ray tasks at the
+    first epoch; on a small machine each needs a fresh worker process, and training waits.
+    Train is split equally (DDP needs the same number of steps on every rank); val is not, so
+    that every val image is scored.
+    """
+    datasets: dict[str, Any] = {}
+    streamed: list[str] = []
+    for split in ("train", "val"):
+        ds = read_split(data, split, read_cpus, block_rows)
+        cached = isinstance(ds, MaterializedDataset)
+        if split == "train":
+            ds = ds.randomize_block_order(seed=seed)
+        if not cached:
+            datasets[split] = ds
+            streamed.append(split)
+            continue
+        for rank, part in enumerate(ds.split(workers, equal=split == "train")):
+            datasets[shard_name(split, rank)] = part
+    return datasets, streamed
+
+
+def shard_name(split: str, rank: int, streamed: list[str] = ()) -> str:
+    """The dataset a worker of ``rank`` reads ``split`` from (see ``worker_datasets``)."""
+    return split if split in streamed else f"{split}_{rank}"
 
 
 def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:

@@ -18,7 +18,7 @@ from clf import models
 from clf.config import TrainConfig, from_dict
 from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
-from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights
+from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights, shard_name
 from clf.training.optim import create_optimizer, create_scheduler
 from clf.transforms import batch_mixer, normalize
 
@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    train_shard = ray.train.get_dataset_shard("train")  # its coordinator starts as the model builds
+    train_shard = ray.train.get_dataset_shard(shard_name("train", rank, config["streamed"]))
     cuda = device.type == "cuda"
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -207,8 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             totals += tally(loss, logits, labels)
         train_seconds = time.monotonic() - started
         scored = ema.module if ema is not None else model
-        # Asked for at validation, the val split's coordinator does not delay the first batch.
-        val_shard = ray.train.get_dataset_shard("val")
+        # Asked for at validation, a val split's coordinator does not delay the first batch.
+        val_shard = ray.train.get_dataset_shard(shard_name("val", rank, config["streamed"]))
         val_loss, val_acc = evaluate(
             scored, val_shard, val_collate, spec, val_criterion, autocast, cfg
         )

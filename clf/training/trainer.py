@@ -100,16 +100,12 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
     global_batch = cfg.data.batch_size * cfg.workers
     steps_per_epoch = max(1, n_train // global_batch)
     gpu = runtime.use_gpu(cfg.device)
-    from clf.training.data import read_split
+    from clf.training.data import worker_datasets
     from clf.training.loop import train_loop_per_worker
 
-    block_rows = cfg.data.batch_size
-    datasets = {
-        "train": read_split(
-            cfg.data.path, "train", cfg.data.read_cpus, block_rows
-        ).randomize_block_order(seed=cfg.seed),
-        "val": read_split(cfg.data.path, "val", cfg.data.read_cpus, block_rows),
-    }
+    datasets, streamed = worker_datasets(
+        cfg.data.path, cfg.workers, cfg.data.read_cpus, cfg.data.batch_size, cfg.seed
+    )
     if cfg.data.norm == "dataset":
         progress(f"[train] train-split statistics: mean {spec.mean}, std {spec.std}")
     progress(
@@ -125,6 +121,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
             "run": run,
             "steps_per_epoch": steps_per_epoch,
             "class_counts": class_counts(manifest, classes),
+            "streamed": streamed,
         },
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -148,6 +145,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
             callbacks=[metrics.CommittedEpochLog(run)],
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=streamed),
     )
     trainer.fit()
 
