@@ -57,13 +57,13 @@ def seeds_transform():
     )
 
 
-def train_epochs(model, batches_of_epoch, epochs: int) -> tuple[float, int]:
-    """The seeds' loop body. Returns (training seconds, images)."""
+def train_epochs(model, batches_of_epoch, epochs: int) -> tuple[float, int, list[float]]:
+    """The seeds' loop body. Returns (training seconds, images, images/s of each epoch)."""
     import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
-    seconds, images = 0.0, 0
+    seconds, images, rates = 0.0, 0, []
     for epoch in range(epochs):
         model.train()
         started, seen = time.perf_counter(), 0
@@ -75,10 +75,9 @@ def train_epochs(model, batches_of_epoch, epochs: int) -> tuple[float, int]:
             seen += len(y)
         seconds += time.perf_counter() - started
         images += seen
-        print(
-            f"  epoch {epoch + 1}: {seen / (time.perf_counter() - started):.1f} img/s (this worker)"
-        )
-    return seconds, images
+        rates.append(seen / (time.perf_counter() - started))
+        print(f"  epoch {epoch + 1}: {rates[-1]:.1f} img/s (this worker)")
+    return seconds, images, rates
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,11 +91,11 @@ def run_seeds(args) -> dict:
     dataset = ImageFolder(os.path.join(args.data, "train"), transform=seeds_transform())
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=2)
     model = seeds_model(len(dataset.classes))
-    seconds, images = train_epochs(model, lambda epoch: loader, args.epochs)
-    return {"train_seconds": seconds, "images": images}
+    seconds, images, rates = train_epochs(model, lambda epoch: loader, args.epochs)
+    return {"train_seconds": seconds, "images": images, "epoch_rates": rates}
 
 
-def write_result(config: dict, seconds: float, images: int) -> None:
+def write_result(config: dict, seconds: float, images: int, rates: list[float]) -> None:
     """Rank 0's training time and the global image count (Train V2 results carry no metrics
     without a checkpoint, so the worker writes them itself)."""
     import ray.train
@@ -104,7 +103,9 @@ def write_result(config: dict, seconds: float, images: int) -> None:
     context = ray.train.get_context()
     if context.get_world_rank() == 0:
         with open(config["result"], "w") as f:
-            json.dump({"train_seconds": seconds, "images": images * context.get_world_size()}, f)
+            world = context.get_world_size()
+            rates = [rate * world for rate in rates]
+            json.dump({"train_seconds": seconds, "images": images * world, "epoch_rates": rates}, f)
 
 
 def ray_dl_worker(config: dict) -> None:
@@ -123,8 +124,8 @@ def ray_dl_worker(config: dict) -> None:
             loader.sampler.set_epoch(epoch)
         return loader
 
-    seconds, images = train_epochs(model, batches, config["epochs"])
-    write_result(config, seconds, images)
+    seconds, images, rates = train_epochs(model, batches, config["epochs"])
+    write_result(config, seconds, images, rates)
 
 
 def ray_data_worker(config: dict) -> None:
@@ -138,8 +139,8 @@ def ray_data_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(batch_size=config["batch"] // 2):
             yield batch["image"], batch["label"]
 
-    seconds, images = train_epochs(model, batches, config["epochs"])
-    write_result(config, seconds, images)
+    seconds, images, rates = train_epochs(model, batches, config["epochs"])
+    write_result(config, seconds, images, rates)
 
 
 def run_ray(args, data_pattern: bool) -> dict:
@@ -225,7 +226,11 @@ def run_jobs_train(args) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     seconds = sum(r["train_seconds"] for r in rows)
     images = sum(round(r["images_per_s"] * r["train_seconds"]) for r in rows)
-    return {"train_seconds": seconds, "images": images}
+    return {
+        "train_seconds": seconds,
+        "images": images,
+        "epoch_rates": [r["images_per_s"] for r in rows],
+    }
 
 
 def child(args) -> None:
@@ -260,16 +265,23 @@ def measure(method: str, args, env: dict[str, str]) -> dict:
     return result
 
 
+def rates(result: dict) -> str:
+    return " / ".join(f"{rate:.1f}" for rate in result["epoch_rates"])
+
+
 def report(name: str, results: dict[str, dict]) -> None:
     peers = {m: r for m, r in results.items() if m != "jobs.train"}
     fastest = max(peers, key=lambda m: peers[m]["images_per_s"])
     print(f"\n== {name} (fastest peer: {fastest}) ==")
-    print(f"{'method':<11} {'img/s':>7} {'fixed s':>8} {'wall s':>7} {'vs fastest peer':>16}")
+    print(
+        f"{'method':<11} {'img/s':>7} {'fixed s':>8} {'wall s':>7} {'vs fastest peer':>16}"
+        "  img/s by epoch"
+    )
     for method, r in results.items():
         ratio = r["images_per_s"] / peers[fastest]["images_per_s"]
         print(
             f"{method:<11} {r['images_per_s']:7.1f} {r['fixed_seconds']:8.1f} "
-            f"{r['wall_seconds']:7.1f} {ratio:15.2f}x"
+            f"{r['wall_seconds']:7.1f} {ratio:15.2f}x  {rates(r)}"
         )
 
 
@@ -296,7 +308,7 @@ def main() -> None:
             r = results[method]
             print(
                 f"  {env_name:<7} {method:<11} {r['images_per_s']:6.1f} img/s, "
-                f"fixed {r['fixed_seconds']:.1f}s",
+                f"fixed {r['fixed_seconds']:.1f}s, by epoch {rates(r)}",
                 flush=True,
             )
         report(f"{env_name} environment", results)
