@@ -39,6 +39,13 @@ class Artifact:
     def preprocess(self) -> Preprocess:
         return Preprocess.from_meta(self.meta)
 
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalized float NCHW batch. TorchScript gets the batch channels_last, in
+        which oneDNN's and cuDNN's convolutions run faster (frozen NCHW weights follow it)."""
+        if self.format == "torchscript":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.module(images)
+
     @property
     def model_id(self) -> str:
         """The loaded file's sha256, first 12 hex characters."""

@@ -225,7 +225,7 @@ class Scorer:
                 torch.inference_mode(),
                 torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
             ):
-                logits = self.artifact.module(normalize(pixels, self.artifact.preprocess))
+                logits = self.artifact.logits(normalize(pixels, self.artifact.preprocess))
             probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return {
             "key": batch["key"],

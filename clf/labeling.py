@@ -173,7 +173,7 @@ class Predictor:
                 torch.inference_mode(),
                 torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
             ):
-                logits = self.artifact.module(normalize(pixels, self.spec)).float()
+                logits = self.artifact.logits(normalize(pixels, self.spec)).float()
             top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_ids[ok] = indices[ok, 0]

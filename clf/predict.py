@@ -34,7 +34,7 @@ def predict(
     for start in range(0, len(pixels), BATCH):
         batch = normalize(torch.stack(pixels[start : start + BATCH]), spec)
         with torch.inference_mode():
-            top = torch.softmax(loaded.module(batch).float(), 1).topk(k)
+            top = torch.softmax(loaded.logits(batch).float(), 1).topk(k)
         for row, values, indices in zip(rows[start : start + BATCH], top.values, top.indices):
             results[row]["top"] = [
                 {"label": loaded.classes[i], "probability": round(float(p), 6)}

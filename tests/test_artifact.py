@@ -140,6 +140,20 @@ def test_int8_agrees_with_fp32_and_records_the_accuracy_drop(all_formats, val_sa
     assert float(same.float().mean()) >= formats.INT8_MIN_AGREEMENT
 
 
+@pytest.mark.parametrize("fmt, channels_last", [("torchscript", True), ("onnx", False)])
+def test_torchscript_is_fed_channels_last_batches_and_onnx_contiguous_ones(
+    all_formats, val_sample, fmt, channels_last
+):
+    _, _, folder = all_formats
+    x = val_sample.images[:4]
+    loaded = artifact.load(str(folder), format=fmt)
+    module, seen = loaded.module, []
+    loaded.module = lambda batch: seen.append(batch) or module(batch)
+    with torch.no_grad():
+        assert torch.allclose(loaded.logits(x), module(x), atol=1e-4)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
 def test_load_picks_the_default_format_or_the_one_asked_for(all_formats):
     _, _, folder = all_formats
     assert artifact.load(str(folder)).format == "onnx"
