@@ -206,17 +206,18 @@ def run_ray_docs(files: list[str], out: str, arch: str, weights: str) -> float:
 
 def run_bound(files: list[str], out: str, arch: str, weights: str) -> float:
     """Forward passes on pre-decoded tensors at the best of a few batch sizes; scaled to N.
-    On a GPU: bf16 autocast and channels_last, as jobs.label's predictor runs there."""
+    channels_last, which oneDNN runs 1.4x faster here too; on a GPU also bf16 autocast, as
+    jobs.label's predictor runs there."""
     import torch
     from PIL import Image
 
     cuda = gpu()
     device = torch.device("cuda" if cuda else "cpu")
     net, tf = model(arch, weights).to(device), transform()
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
     count = 512 if cuda else 128
     tensors = torch.stack([tf(Image.open(p).convert("RGB")) for p in files[:count]]).to(device)
+    tensors = tensors.contiguous(memory_format=torch.channels_last)
     best = 0.0
     with torch.inference_mode(), torch.autocast("cuda", enabled=cuda, dtype=torch.bfloat16):
         for batch in (64, 256, 512) if cuda else (1, 8, 32, 64):
