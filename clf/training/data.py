@@ -8,7 +8,7 @@ between processes and the next batch is decoded while this one trains.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ def worker_datasets(
 ) -> tuple[dict[str, Any], list[str]]:
     """The train and val datasets for Ray Train, and the names it must split between workers.
 
-    A cached split is split here, once, into ``SPLIT_RANK`` datasets. Left to Ray Train, its
+    A cached split is split here, once, into datasets named ``{split}_{rank}``. Left to Ray Train, its
     streaming split starts a coordinator actor per dataset and cuts blocks in Ray tasks at the
     first epoch; on a small machine each needs a fresh worker process, and training waits.
     Train is split equally (DDP needs the same number of steps on every rank); val is not, so
@@ -69,7 +69,7 @@ def worker_datasets(
     return datasets, streamed
 
 
-def shard_name(split: str, rank: int, streamed: list[str] = ()) -> str:
+def shard_name(split: str, rank: int, streamed: Collection[str] = ()) -> str:
     """The dataset a worker of ``rank`` reads ``split`` from (see ``worker_datasets``)."""
     return split if split in streamed else f"{split}_{rank}"
 
