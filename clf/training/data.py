@@ -47,9 +47,9 @@ def worker_datasets(
 ) -> tuple[dict[str, Any], list[str]]:
     """The train and val datasets for Ray Train, and the names it must split between workers.
 
-    A cached split is split here, once, into datasets named ``{split}_{rank}``. Left to Ray Train, its
-    streaming split starts a coordinator actor per dataset and cuts blocks in Ray tasks at the
-    first epoch; on a small machine each needs a fresh worker process, and training waits.
+    A cached split is split here, once, into datasets named ``{split}_{rank}``. Left to Ray
+    Train, its streaming split starts a coordinator actor per dataset and cuts blocks in Ray tasks
+    at the first epoch; on a small machine each needs a fresh worker process, and training waits.
     Train is split equally (DDP needs the same number of steps on every rank); val is not, so
     that every val image is scored.
     """
