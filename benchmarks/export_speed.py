@@ -33,7 +33,7 @@ from clf import artifact, models, runtime
 from clf.decode import decode_image
 from clf.formats import INT8_MIN_AGREEMENT
 from clf.preprocess import Preprocess
-from clf.transforms import eval_transform, normalize
+from clf.transforms import eval_transform
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FORMATS = ("torchscript", "onnx", "int8")
@@ -46,7 +46,7 @@ def imagenet_samples(spec: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
         transform(decode_image(f.read_bytes(), min_size=spec.resize, max_one_colour=None))
         for f in files
     ]
-    return normalize(torch.stack(pixels), spec), torch.arange(len(files))
+    return spec.normalize(torch.stack(pixels)), torch.arange(len(files))
 
 
 def logits_of(module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:

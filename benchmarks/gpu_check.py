@@ -29,7 +29,6 @@ from clf.device_decode import decode_on_device
 from clf.labeling import Predictor
 from clf.models import create_model
 from clf.preprocess import Preprocess
-from clf.transforms import normalize
 
 
 def timed(fn, repeats: int) -> float:
@@ -112,7 +111,7 @@ def main(weights: str, samples: str) -> dict:
     y = torch.randint(0, 10, (128,), device="cuda")
 
     def step():
-        images = normalize(x, Preprocess()).contiguous(memory_format=torch.channels_last)
+        images = Preprocess().normalize(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(images), y)
         optimizer.zero_grad(set_to_none=True)

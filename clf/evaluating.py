@@ -23,7 +23,6 @@ from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
 from clf.ingest import read_classes
 from clf.labeling import decode_then_infer, pool_size
-from clf.transforms import normalize
 
 
 @dataclass
@@ -225,7 +224,7 @@ class Scorer:
                 torch.inference_mode(),
                 torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
             ):
-                logits = self.artifact.logits(normalize(pixels, self.artifact.preprocess))
+                logits = self.artifact.logits(self.artifact.preprocess.normalize(pixels))
             probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return {
             "key": batch["key"],

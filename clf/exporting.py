@@ -20,7 +20,7 @@ from clf import artifact, models, storage
 from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
 from clf.preprocess import Preprocess
-from clf.transforms import eval_transform, normalize
+from clf.transforms import eval_transform
 
 SAMPLE_IMAGES = 256
 PACKAGED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # skimage.data, no download
@@ -88,7 +88,7 @@ def load_sample(
     if all(names[i] in index for i in kept):  # shard labels, or class/*.jpg folder names
         labels = torch.tensor([index[names[i]] for i in kept])
     source = f"{len(images)} images from {storage.normalize(uri)}"
-    return Sample(normalize(torch.stack(images), spec), labels, source)
+    return Sample(spec.normalize(torch.stack(images)), labels, source)
 
 
 def _parent_name(uri: str) -> str:
@@ -125,7 +125,7 @@ def _packaged(spec: Preprocess) -> Sample:
     transform = eval_transform(spec)
     images = [transform(Image.fromarray(a).convert("RGB")) for a in arrays]
     source = f"{len(images)} photos shipped in scikit-image and scikit-learn"
-    return Sample(normalize(torch.stack(images), spec), None, source)
+    return Sample(spec.normalize(torch.stack(images)), None, source)
 
 
 def from_pretrained(

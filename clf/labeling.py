@@ -1,20 +1,17 @@
 """Label an archive: one Parquet row per input image, exactly once, errors included.
 
 Pipeline (Ray Data): list inputs on the driver -> read + decode + resize in CPU tasks ->
-predict in an actor pool that loads the artifact once per actor -> commit Parquet files.
-Each output file is written whole and renamed into place, named by a hash of the inputs it
-covers, so a job killed at any moment and re-run labels only what no committed file covers.
+predict in an actor pool that loads the artifact once per actor -> commit Parquet files
+(``label_sink``). Each output file is committed whole, named by a hash of the inputs it covers,
+so a job killed at any moment and re-run labels only what no committed file covers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,24 +24,10 @@ from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.errors import ClfError, UsageError
+from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.preprocess import Preprocess
-from clf.transforms import normalize
 
-LABEL_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("label", pa.string()),
-        ("label_id", pa.int32()),
-        ("confidence", pa.float32()),
-        ("topk_labels", pa.list_(pa.string())),
-        ("topk_scores", pa.list_(pa.float32())),
-        ("model", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 JOB_FILE = "_job.json"
-# What storage.write_bytes leaves behind when killed between its write and its rename.
-TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -173,7 +156,7 @@ class Predictor:
                 torch.inference_mode(),
                 torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
             ):
-                logits = self.artifact.logits(normalize(pixels, self.spec)).float()
+                logits = self.artifact.logits(self.spec.normalize(pixels)).float()
             top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_ids[ok] = indices[ok, 0]
@@ -221,36 +204,6 @@ class Predictor:
             for i, reason in zip(jpegs, reasons):
                 errors[i] = reason
         return pixels, errors
-
-
-def part_name(uris: Iterable[str]) -> str:
-    """Deterministic file name for the slice of inputs a file covers."""
-    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:20]
-    return f"part-{digest}.parquet"
-
-
-def _datasink(output: str):
-    from ray.data import Datasink
-
-    class AtomicParquetSink(Datasink):
-        """Ray's write_parquet writes in place, so a kill leaves a truncated file; we commit
-        each block whole (temp file + rename locally, a single PUT on S3)."""
-
-        def write(self, blocks, ctx) -> list[tuple[str, int]]:
-            written = []
-            for block in blocks:
-                table = pa.table(block) if not isinstance(block, pa.Table) else block
-                if table.num_rows == 0:
-                    continue
-                table = table.cast(LABEL_SCHEMA)
-                sink = io.BytesIO()
-                pq.write_table(table, sink)
-                name = part_name(table.column("uri").to_pylist())
-                storage.write_bytes(storage.join(output, name), sink.getvalue())
-                written.append((name, table.num_rows))
-            return written
-
-    return AtomicParquetSink()
 
 
 # ------------------------------------------------------------------------------------------
@@ -372,7 +325,7 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         where = "GPU, JPEG decode there" if decode_here else "GPU" if gpu else "CPU"
         progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {where}")
         run_started = time.monotonic()
-        ds.write_datasink(_datasink(cfg.output))
+        ds.write_datasink(AtomicParquetSink(cfg.output))
         summary.seconds = time.monotonic() - run_started
     rows = read_rows(cfg.output, ["uri", "error"]).to_pydict()
     todo_set = set(todo)

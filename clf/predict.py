@@ -8,7 +8,7 @@ import torch
 
 from clf import artifact, storage
 from clf.decode import DecodeError, decode_image
-from clf.transforms import eval_transform, normalize
+from clf.transforms import eval_transform
 
 BATCH = 32
 
@@ -32,7 +32,7 @@ def predict(
         rows.append(row)
     k = min(top_k, len(loaded.classes))
     for start in range(0, len(pixels), BATCH):
-        batch = normalize(torch.stack(pixels[start : start + BATCH]), spec)
+        batch = spec.normalize(torch.stack(pixels[start : start + BATCH]))
         with torch.inference_mode():
             top = torch.softmax(loaded.logits(batch).float(), 1).topk(k)
         for row, values, indices in zip(rows[start : start + BATCH], top.values, top.indices):

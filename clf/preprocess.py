@@ -57,6 +57,14 @@ class Preprocess:
             std=tuple(meta["std"]),
         )
 
+    def normalize(self, batch):
+        """uint8 NCHW torch tensor on any device -> normalized float32. Tensor methods only,
+        so that this module, and the label actor that imports it, need not import torchvision."""
+        pixels = batch.float()
+        mean = pixels.new_tensor(self.mean).view(1, 3, 1, 1) * 255
+        std = pixels.new_tensor(self.std).view(1, 3, 1, 1) * 255
+        return (pixels - mean) / std
+
     def with_size(self, input_size: int) -> Preprocess:
         ratio = self.resize / self.input_size
         return Preprocess(

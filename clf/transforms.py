@@ -1,7 +1,7 @@
 """The train and eval transforms built from a ``Preprocess`` spec (torchvision transforms v2).
 
 Per-image transforms stop at a uint8 CHW tensor: a quarter of the bytes of float32 on their way
-to the device. ``normalize`` then runs once per batch, on the device.
+to the device. ``Preprocess.normalize`` then runs once per batch, on the device.
 """
 
 from __future__ import annotations
@@ -61,13 +61,6 @@ def decode_size(spec: Preprocess, train: bool) -> int:
 
 def to_tensor_batch(images: list[Image.Image], transform: v2.Compose) -> torch.Tensor:
     return torch.stack([transform(image) for image in images])
-
-
-def normalize(batch: torch.Tensor, spec: Preprocess) -> torch.Tensor:
-    """uint8 NCHW on any device -> normalized float32."""
-    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
 
 
 def batch_mixer(aug: AugmentConfig, num_classes: int) -> v2.Transform | None:

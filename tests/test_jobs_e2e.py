@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 
-from clf.labeling import LABEL_SCHEMA, read_rows
+from clf.label_sink import LABEL_SCHEMA
+from clf.labeling import read_rows
 from clf.training import checkpoint
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,8 @@ from conftest import IMAGENET_SAMPLES, ROOT
 
 from clf import artifact
 from clf.ingest import IngestConfig, ingest
-from clf.labeling import LABEL_SCHEMA, TEMP_FILE, _datasink, list_inputs, read_rows
+from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
+from clf.labeling import list_inputs, read_rows
 from clf.models import create_model
 from clf.preprocess import Preprocess
 
@@ -194,7 +195,7 @@ def test_killed_inside_an_output_commit_then_rerun_labels_every_shard_row_once(
     seeded = [u for u in inputs.uris if u.startswith(shard_uris[0] + "#")][:10]
     rows = {f.name: [None] * len(seeded) for f in LABEL_SCHEMA}
     rows |= {"uri": seeded, "model": ["seed"] * 10, "error": ["seeded by the test"] * 10}
-    _datasink(out).write([pa.table(rows, schema=LABEL_SCHEMA)], None)
+    AtomicParquetSink(out).write([pa.table(rows, schema=LABEL_SCHEMA)], None)
     assert len(parts(out)) == 1
     env = {
         "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),

@@ -1,15 +1,21 @@
 """Label stages without a cluster: decode never raises, rows follow DESIGN.md's schema."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from clf import artifact
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
-from clf.labeling import LABEL_SCHEMA, Predictor, list_inputs, part_name
+from clf.label_sink import LABEL_SCHEMA, part_name
+from clf.labeling import Predictor, list_inputs
 from clf.models import create_model
 from clf.preprocess import Preprocess
 
@@ -247,3 +253,21 @@ def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_arch
     assert errors == [""] * len(jpegs) and list(reference["error"]) == errors
     difference = np.abs(pixels.numpy().astype(int) - reference["pixels"].astype(int))
     assert difference.mean() < 0.01 and difference.max() <= 2
+
+
+def imported_by(module: str, of: set[str]) -> list[str]:
+    code = f"import json, sys, {module}; print(json.dumps(sorted({of!r} & set(sys.modules))))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_label_actor_starts_without_torchvision():
+    """torchvision's import pulls in torch._dynamo: 1.3 s more on the critical path of every
+    labelling job, whose actor is what the pipeline waits for on a CPU node."""
+    assert imported_by("clf.labeling", {"torchvision"}) == []
+
+
+def test_the_output_sink_runs_without_torch():
+    """Ray Data runs it in worker processes of its own, which import its module first."""
+    assert imported_by("clf.label_sink", {"torch", "torchvision"}) == []

@@ -44,3 +44,15 @@ def test_decode_tasks_start_without_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_normalize_scales_uint8_pixels_by_the_specs_mean_and_std():
+    import torch
+
+    spec = Preprocess(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    pixels = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    pixels[1] = 0
+    out = spec.normalize(pixels)
+    assert out.dtype == torch.float32 and out.shape == pixels.shape
+    assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 1.0]  # (1 - mean) / std per channel
+    assert out[1, :, 0, 0].tolist() == [-1.0, -1.0, 0.0]

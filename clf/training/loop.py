@@ -20,7 +20,7 @@ from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
 from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights, shard_name
 from clf.training.optim import create_optimizer, create_scheduler
-from clf.transforms import batch_mixer, normalize
+from clf.transforms import batch_mixer
 
 
 def phase_of(cfg: TrainConfig, epoch: int) -> str:
@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if len(batch["label"]) == 0:  # every image of the batch failed to decode
                 continue
-            images, labels = normalize(batch["image"], spec), batch["label"]
+            images, labels = spec.normalize(batch["image"]), batch["label"]
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             targets = labels
@@ -255,7 +255,7 @@ def evaluate(model, shard, collate, spec, criterion, autocast, cfg) -> tuple[flo
         batch_size=cfg.data.batch_size * 2, collate_fn=collate, prefetch_batches=2
     ):
         with autocast():
-            logits = model(normalize(batch["image"], spec)).float()
+            logits = model(spec.normalize(batch["image"])).float()
         totals += tally(criterion(logits, batch["label"]), logits, batch["label"])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

@@ -1,0 +1,63 @@
+"""Label rows on storage: their schema, and the sink that commits them exactly once.
+
+Each output file is written whole and renamed into place (one PUT on S3), named by a hash of
+the inputs it covers. Kept apart from the predictor and free of torch, because Ray Data runs
+the sink in worker processes of its own, and torch's import there cost seconds of CPU at the
+end of every labelling job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from clf import storage
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("label", pa.string()),
+        ("label_id", pa.int32()),
+        ("confidence", pa.float32()),
+        ("topk_labels", pa.list_(pa.string())),
+        ("topk_scores", pa.list_(pa.float32())),
+        ("model", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+# What storage.write_bytes leaves behind when killed between its write and its rename.
+TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
+
+
+def part_name(uris: Iterable[str]) -> str:
+    """Deterministic file name for the slice of inputs a file covers."""
+    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+class AtomicParquetSink(Datasink):
+    """Ray's write_parquet writes in place, so a kill leaves a truncated file; we commit each
+    block whole (temp file + rename locally, a single PUT on S3)."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def write(self, blocks, ctx) -> list[tuple[str, int]]:
+        written = []
+        for block in blocks:
+            table = pa.table(block) if not isinstance(block, pa.Table) else block
+            if table.num_rows == 0:
+                continue
+            table = table.cast(LABEL_SCHEMA)
+            sink = io.BytesIO()
+            pq.write_table(table, sink)
+            name = part_name(table.column("uri").to_pylist())
+            storage.write_bytes(storage.join(self.output, name), sink.getvalue())
+            written.append((name, table.num_rows))
+        return written
