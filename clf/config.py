@@ -168,9 +168,18 @@ class LabelConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_batch_size: int = 32  # images per CPU decode task
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
+    progress_every: float = 30.0  # seconds between progress lines
 
     def validate(self) -> LabelConfig:
-        _positive(self, "top_k", "batch_size", "max_pixels", "decode_batch_size", "gpus_per_actor")
+        _positive(
+            self,
+            "top_k",
+            "batch_size",
+            "max_pixels",
+            "decode_batch_size",
+            "gpus_per_actor",
+            "progress_every",
+        )
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
         return self

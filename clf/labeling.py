@@ -9,6 +9,7 @@ so a job killed at any moment and re-run labels only what no committed file cove
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -97,6 +98,51 @@ def read_rows(output: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = storage.resolve(uri)
         tables.append(pq.read_table(path, filesystem=fs, schema=LABEL_SCHEMA, columns=columns))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+class CommitProgress:
+    """Progress lines while the pipeline runs: how many of ``total`` rows this run has committed.
+
+    The sink commits in Ray workers, so the driver learns of a file from storage: every
+    ``every`` seconds it lists the output and reads the row count from each new file's footer.
+    """
+
+    def __init__(self, output: str, total: int, every: float, progress: Callable[[str], None]):
+        self.output, self.total, self.every, self.progress = output, total, every, progress
+        self.seen = set(committed_files(output))  # an earlier run's files are not this run's
+        self.rows = 0
+        self.started = time.monotonic()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="label-progress", daemon=True)
+
+    def __enter__(self) -> CommitProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self._count_new_files()
+            except (OSError, ClfError):  # best effort: the job's own reads and writes report
+                continue
+            elapsed = time.monotonic() - self.started
+            rate = self.rows / elapsed
+            left = f", about {(self.total - self.rows) / rate:.0f}s to go" if rate else ""
+            self.progress(
+                f"[label] {self.rows}/{self.total} images labelled and committed "
+                f"({rate:.1f} img/s, {elapsed:.0f}s{left})"
+            )
+
+    def _count_new_files(self) -> None:
+        for uri in committed_files(self.output):
+            if uri not in self.seen:
+                fs, path = storage.resolve(uri)
+                self.rows += pq.read_metadata(path, filesystem=fs).num_rows
+                self.seen.add(uri)
 
 
 def _check_job(cfg: LabelConfig, model_id: str) -> None:
@@ -325,7 +371,8 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         where = "GPU, JPEG decode there" if decode_here else "GPU" if gpu else "CPU"
         progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {where}")
         run_started = time.monotonic()
-        ds.write_datasink(AtomicParquetSink(cfg.output))
+        with CommitProgress(cfg.output, len(todo), cfg.progress_every, progress):
+            ds.write_datasink(AtomicParquetSink(cfg.output))
         summary.seconds = time.monotonic() - run_started
     rows = read_rows(cfg.output, ["uri", "error"]).to_pydict()
     todo_set = set(todo)

@@ -43,6 +43,12 @@ def build_parser():
         "--skip-existing", action="store_true", help="label only inputs not yet under --output"
     )
     p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)
+    p.add_argument(
+        "--progress-every",
+        type=cli.positive_seconds,
+        default=30.0,
+        help="seconds between progress lines (default 30)",
+    )
     return p
 
 

@@ -135,6 +135,11 @@ def test_every_job_has_help(name):
             + ["--decode", "gpu", "--device", "cpu"],
             "--decode gpu needs the predictor on a GPU",
         ),
+        (
+            ["jobs.label", "--model", "/tmp", "--input", "/tmp", "--output", "/tmp/l"]
+            + ["--progress-every", "0"],
+            "--progress-every: must be a positive number of seconds, got 0",
+        ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
     ],
 )

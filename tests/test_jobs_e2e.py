@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ def true_imagenet_index(uri: str, wnids: list[str]) -> int:
 
 def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobilenet_artifact):
     out = str(tmp_path / "labels")
-    summary = job(
+    done = run_job(
         "jobs.label",
         "--model",
         mobilenet_artifact,
@@ -40,7 +41,17 @@ def test_pretrained_imagenet_model_labels_the_samples_correctly(tmp_path, mobile
         str(IMAGENET_SAMPLES),
         "--output",
         out,
+        "--progress-every",
+        "2",
+        "--json",
     )
+    summary = job_json(done)
+    # Progress while it runs, on stderr under --json: rows committed so far, never more.
+    counts = [
+        int(n)
+        for n in re.findall(r"\[label\] (\d+)/1000 images labelled and committed", done.stderr)
+    ]
+    assert counts and counts == sorted(counts) and counts[-1] <= 1000, done.stderr
 
     rows = read_rows(out)
     assert summary["labelled"] == rows.num_rows == 1000

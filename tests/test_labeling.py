@@ -3,9 +3,11 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import ROOT
@@ -15,7 +17,7 @@ from clf import artifact
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.label_sink import LABEL_SCHEMA, part_name
-from clf.labeling import Predictor, list_inputs
+from clf.labeling import CommitProgress, Predictor, list_inputs
 from clf.models import create_model
 from clf.preprocess import Preprocess
 
@@ -271,3 +273,19 @@ def test_the_label_actor_starts_without_torchvision():
 def test_the_output_sink_runs_without_torch():
     """Ray Data runs it in worker processes of its own, which import its module first."""
     assert imported_by("clf.label_sink", {"torch", "torchvision"}) == []
+
+
+def test_progress_counts_the_rows_this_run_commits_and_not_an_earlier_runs(tmp_path):
+    def commit(name: str, rows: int) -> None:
+        table = pa.table({f.name: [None] * rows for f in LABEL_SCHEMA}, schema=LABEL_SCHEMA)
+        pq.write_table(table, tmp_path / name)
+
+    commit("part-earlier.parquet", 5)
+    lines: list[str] = []
+    with CommitProgress(str(tmp_path), total=10, every=0.05, progress=lines.append):
+        commit("part-new.parquet", 3)
+        deadline = time.monotonic() + 10
+        while not any(line.startswith("[label] 3/10 ") for line in lines):
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+    assert all(line.startswith(("[label] 0/10 ", "[label] 3/10 ")) for line in lines), lines
