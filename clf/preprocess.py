@@ -58,8 +58,8 @@ class Preprocess:
         )
 
     def normalize(self, batch):
-        """uint8 NCHW torch tensor on any device -> normalized float32. Tensor methods only,
-        so that this module, and the label actor that imports it, need not import torchvision."""
+        """uint8 NCHW torch tensor on any device -> normalized float32. Tensor methods only:
+        the module stays free of torch for decode tasks, and of torchvision for label actors."""
         pixels = batch.float()
         mean = pixels.new_tensor(self.mean).view(1, 3, 1, 1) * 255
         std = pixels.new_tensor(self.std).view(1, 3, 1, 1) * 255
