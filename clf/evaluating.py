@@ -1,7 +1,7 @@
 """Evaluate a model artifact (or the HOG+SVM baseline) on a split of image shards.
 
 Pipeline (Ray Data), as in jobs.label: read the shards -> decode + resize in CPU tasks ->
-score in an actor pool that loads the artifact once per actor -> collect probabilities on the
+score in an actor pool (``clf.scoring``) that loads the artifact once per actor -> collect probabilities on the
 driver (a test split is at most ~100k rows) -> metrics and report files (clf.evaluation).
 """
 
@@ -23,6 +23,7 @@ from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
 from clf.ingest import read_classes
 from clf.labeling import decode_then_infer, pool_size
+from clf.scoring import Scorer
 
 
 @dataclass
@@ -198,41 +199,6 @@ def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 
 # ------------------------------------------------------------------------------------------
 # Ray Data pipeline
-
-
-class Scorer:
-    """Actor: loads the artifact once, then turns pixel batches into class probabilities."""
-
-    def __init__(self, model_uri: str, prefer_gpu: bool):
-        import torch
-
-        self.torch = torch
-        self.device = runtime.torch_device(prefer_gpu)
-        self.artifact = artifact.load(model_uri, self.device)
-        self.num_classes = len(self.artifact.classes)
-        self.cuda = self.device.type == "cuda"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        probs = np.zeros((len(ok), self.num_classes), dtype=np.float32)
-        if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            if self.cuda:
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            with (
-                torch.inference_mode(),
-                torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
-            ):
-                logits = self.artifact.logits(self.artifact.preprocess.normalize(pixels))
-            probs[ok] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return {
-            "key": batch["key"],
-            "path": batch["path"],
-            "label": batch["label"],
-            "probs": probs,
-            "error": batch["error"],
-        }
 
 
 def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:

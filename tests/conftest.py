@@ -58,6 +58,15 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def imported_by(module: str, of: set[str]) -> list[str]:
+    """Which of ``of`` a fresh interpreter has loaded after importing ``module``: what a Ray
+    worker pays for before its first task or actor call."""
+    code = f"import json, sys, {module}; print(json.dumps(sorted({of!r} & set(sys.modules))))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def job_json(done: subprocess.CompletedProcess) -> dict:
     """The one JSON line of a ``--json`` job that must have succeeded."""
     assert done.returncode == 0, f"{done.args}\n{done.stderr[-4000:]}"

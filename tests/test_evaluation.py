@@ -11,16 +11,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR, IMAGENET_SAMPLES, job_json, run_job
+from conftest import CIFAR, IMAGENET_SAMPLES, imported_by, job_json, run_job
 from PIL import Image
 
 from clf import artifact, baseline, diagnostics, evaluation, plots
 from clf.config import IngestConfig
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
-from clf.evaluating import EvaluateConfig, Scorer, align_classes, check, evaluate
+from clf.evaluating import EvaluateConfig, align_classes, check, evaluate
 from clf.ingest import ingest
 from clf.preprocess import Preprocess
+from clf.scoring import Scorer
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).
 LABELS = np.array([0, 0, 0, 1, 1, 2])
@@ -374,3 +375,8 @@ def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_we
         assert png_size((out / name).read_bytes())[0] > 0
     header = next(csv.reader((out / "confusion_matrix.csv").open()))
     assert len(header) == 1001 and header[1] == "tench"
+
+
+def test_the_scorer_actor_starts_without_the_report_libraries():
+    """Its process loads the artifact only; plots and metrics run on the driver."""
+    assert imported_by("clf.scoring", {"matplotlib", "sklearn", "torchvision"}) == []

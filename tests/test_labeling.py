@@ -1,8 +1,5 @@
 """Label stages without a cluster: decode never raises, rows follow DESIGN.md's schema."""
 
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -10,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT
+from conftest import imported_by
 from PIL import Image
 
 from clf import artifact
@@ -255,13 +252,6 @@ def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_arch
     assert errors == [""] * len(jpegs) and list(reference["error"]) == errors
     difference = np.abs(pixels.numpy().astype(int) - reference["pixels"].astype(int))
     assert difference.mean() < 0.01 and difference.max() <= 2
-
-
-def imported_by(module: str, of: set[str]) -> list[str]:
-    code = f"import json, sys, {module}; print(json.dumps(sorted({of!r} & set(sys.modules))))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def test_the_label_actor_starts_without_torchvision():

@@ -1,11 +1,8 @@
 """The torch-free eval crop that decode tasks use is the v2 eval transform, pixel for pixel."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, imported_by
 from PIL import Image
 
 from clf.preprocess import Preprocess, eval_crop
@@ -38,12 +35,7 @@ def test_eval_crop_matches_torchvisions_eval_transform(spec):
 
 def test_decode_tasks_start_without_torch():
     """A Ray worker imports a task's module before its first task: torch would cost ~5 s."""
-    code = (
-        "import sys, clf.decode_tasks; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert imported_by("clf.decode_tasks", {"torch", "torchvision"}) == []
 
 
 def test_normalize_scales_uint8_pixels_by_the_specs_mean_and_std():
