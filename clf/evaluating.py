@@ -1,8 +1,9 @@
 """Evaluate a model artifact (or the HOG+SVM baseline) on a split of image shards.
 
 Pipeline (Ray Data), as in jobs.label: read the shards -> decode + resize in CPU tasks ->
-score in an actor pool (``clf.scoring``) that loads the artifact once per actor -> collect probabilities on the
-driver (a test split is at most ~100k rows) -> metrics and report files (clf.evaluation).
+score in an actor pool (``clf.scoring``) that loads the artifact once per actor -> collect
+probabilities on the driver (a test split is at most ~100k rows) -> metrics and report files
+(clf.evaluation).
 """
 
 from __future__ import annotations
