@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,12 +32,13 @@ class Artifact:
     meta: dict[str, Any]
     module: Any  # a callable: float NCHW batch -> logits
     format: str = "torchscript"
+    device: torch.device = torch.device("cpu")
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
-    @property
+    @cached_property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_meta(self.meta)
 
@@ -45,6 +48,22 @@ class Artifact:
         if self.format == "torchscript":
             images = images.contiguous(memory_format=torch.channels_last)
         return self.module(images)
+
+    def to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """Host uint8 NCHW pixels -> a tensor on the model's device (through pinned memory to a
+        GPU, so the copy overlaps the previous batch's work)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW pixels on the model's device -> float32 class probabilities; a GPU runs
+        the model under bf16 autocast."""
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", enabled=cuda, dtype=torch.bfloat16):
+            logits = self.logits(self.preprocess.normalize(pixels))
+        return torch.softmax(logits.float(), dim=1)
 
     @property
     def model_id(self) -> str:
@@ -157,4 +176,5 @@ def load(uri: str, device: torch.device | str = "cpu", format: str | None = None
     blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
     if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
         raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
-    return Artifact(storage.normalize(uri), meta, fmts.load_module(fmt, blob, device), fmt)
+    module = fmts.load_module(fmt, blob, device)
+    return Artifact(storage.normalize(uri), meta, module, fmt, torch.device(device))

@@ -180,30 +180,23 @@ class Predictor:
         self.classes = np.array(self.artifact.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
         self.spec = self.artifact.preprocess
-        self.cuda = self.device.type == "cuda"
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        torch = self.torch
         if "pixels" in batch:
             errors = list(batch["error"])
             ok = np.array([e == "" for e in errors], dtype=bool)
-            pixels = self._to_device(batch["pixels"][ok])
+            pixels = self.artifact.to_device(batch["pixels"][ok])
         else:
             pixels, errors = self._decode(batch)
             ok = np.array([e == "" for e in errors], dtype=bool)
-            pixels = pixels[torch.from_numpy(ok).to(self.device)]
+            pixels = pixels[self.torch.from_numpy(ok).to(self.device)]
         n = len(ok)
         label_ids = np.zeros(n, dtype=np.int32)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.zeros((n, self.top_k), dtype=np.int64)
         if ok.any():
-            with (
-                torch.inference_mode(),
-                torch.autocast("cuda", enabled=self.cuda, dtype=torch.bfloat16),
-            ):
-                logits = self.artifact.logits(self.spec.normalize(pixels)).float()
-            top = torch.softmax(logits, dim=1).topk(self.top_k, dim=1)
+            top = self.artifact.probabilities(pixels).topk(self.top_k, dim=1)
             scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
             label_ids[ok] = indices[ok, 0]
         # Columnar: at thousands of rows a second, per-row Python lists cost more than the GPU.
@@ -225,12 +218,6 @@ class Predictor:
         }
         return pa.table(rows, schema=LABEL_SCHEMA)
 
-    def _to_device(self, pixels: np.ndarray):
-        tensor = self.torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.cuda:
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
     def _decode(self, batch: dict[str, np.ndarray]):
         """``read_batch`` rows -> uint8 pixels on the device for every row, and the errors."""
         crop, kinds = self.spec.crop, batch["kind"]
@@ -241,7 +228,7 @@ class Predictor:
         if done:
             shape = (3, crop, crop)
             host = [np.frombuffer(batch["data"][i], dtype=np.uint8).reshape(shape) for i in done]
-            pixels[done] = self._to_device(np.stack(host))
+            pixels[done] = self.artifact.to_device(np.stack(host))
         jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
         if jpegs:
             data = [batch["data"][i] for i in jpegs]

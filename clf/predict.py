@@ -32,9 +32,7 @@ def predict(
         rows.append(row)
     k = min(top_k, len(loaded.classes))
     for start in range(0, len(pixels), BATCH):
-        batch = spec.normalize(torch.stack(pixels[start : start + BATCH]))
-        with torch.inference_mode():
-            top = torch.softmax(loaded.logits(batch).float(), 1).topk(k)
+        top = loaded.probabilities(torch.stack(pixels[start : start + BATCH])).topk(k)
         for row, values, indices in zip(rows[start : start + BATCH], top.values, top.indices):
             results[row]["top"] = [
                 {"label": loaded.classes[i], "probability": round(float(p), 6)}

@@ -88,6 +88,19 @@ def test_loaded_artifact_matches_eager(exported):
     assert loaded.classes == ["a", "b", "c"] and loaded.preprocess == SPEC
 
 
+def test_probabilities_are_the_softmax_of_the_logits_of_normalized_pixels(exported):
+    model, _, folder = exported
+    loaded = artifact.load(str(folder))
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    on_device = loaded.to_device(pixels.numpy())
+    assert on_device.device == torch.device("cpu") and torch.equal(on_device, pixels)
+    probs = loaded.probabilities(on_device)
+    with torch.no_grad():
+        expected = torch.softmax(model(SPEC.normalize(pixels)), dim=1)
+    assert probs.dtype == torch.float32 and torch.allclose(probs, expected, atol=1e-5)
+    assert torch.allclose(probs.sum(1), torch.ones(4))
+
+
 def test_tampered_model_file_is_refused(exported):
     _, _, folder = exported
     (folder / "model.ts").write_bytes((folder / "model.ts").read_bytes() + b"\0")
