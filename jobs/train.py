@@ -151,7 +151,7 @@ def main() -> None:
         )
         cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
         return
-    runtime.init_ray()
+    runtime.init_ray(dashboard=True)
     summary = train(cfg, progress=cli.progress(args.json))
     last = summary.history[-1] if summary.history else {}
     lines = [
