@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -281,19 +282,24 @@ def decode_then_infer(
     jobs.evaluate share this stage, so the model never waits on JPEG decoding in either."""
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(
-        decode_fn,
-        # The preprocessing keys only: meta's class list need not travel with every task.
-        fn_kwargs={
-            "preprocess": Preprocess.from_meta(meta).to_meta(),
-            "max_pixels": cfg.max_pixels,
-        },
-        batch_size=cfg.decode_batch_size,
-        num_cpus=1,
-        # Retry a decode task whose worker died. Per-task remote args also keep Ray from
-        # fusing decode into the actors.
-        ray_remote_args_fn=_decode_task_args,
-    ).map_batches(
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates every per-task way to set max_retries and names no replacement;
+        # the pinned version cannot reach the removal (2.64), and the warning told users nothing.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn. is deprecated")
+        decoded = ds.map_batches(
+            decode_fn,
+            # The preprocessing keys only: meta's class list need not travel with every task.
+            fn_kwargs={
+                "preprocess": Preprocess.from_meta(meta).to_meta(),
+                "max_pixels": cfg.max_pixels,
+            },
+            batch_size=cfg.decode_batch_size,
+            num_cpus=1,
+            # Retry a decode task whose worker died a few times, not forever (Ray Data's
+            # default). Per-task remote args also keep Ray from fusing decode into the actors.
+            ray_remote_args_fn=_decode_task_args,
+        )
+    return decoded.map_batches(
         actor_cls,
         fn_constructor_kwargs=actor_kwargs,
         batch_size=cfg.batch_size,
