@@ -136,9 +136,12 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
     assert hymenoptera_run["temp_left"] == set()  # local checkpoint copies go once uploaded
 
 
-def test_training_on_an_embedded_ray_logs_no_state_api_warnings(hymenoptera_run):
-    """Ray Train's placement-group cleaner needs the State API; without it, it warns each second."""
-    assert "State API may be temporarily unavailable" not in hymenoptera_run["train_stderr"]
+def test_training_logs_carry_no_ray_train_noise(hymenoptera_run):
+    """Ray Train's placement-group cleaner needs the State API, or it warns each second; and its
+    INFO lines would restate each report and checkpoint that the progress lines already show."""
+    logs = hymenoptera_run["train_stderr"]
+    assert "State API may be temporarily unavailable" not in logs
+    assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs
 
 
 def test_training_runs_channels_last_on_cpu_too(hymenoptera_run):

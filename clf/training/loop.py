@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,9 @@ def start_phase(cfg, model, name, epoch, steps, device, world, scaler, restored)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # Ray Train sets the worker's root logger to INFO, and its per-report line is logged under a
+    # file-path logger name that the RunConfig's ray.train level does not reach.
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(TrainConfig, config["train"])
     spec = Preprocess.from_meta(config["preprocess"])
     classes, run, batches_per_epoch = config["classes"], config["run"], config["steps_per_epoch"]

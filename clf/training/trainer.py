@@ -143,6 +143,8 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
                 "env_vars": {**runtime.forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
             },
             callbacks=[metrics.CommittedEpochLog(run)],
+            # Its INFO lines restate every report and checkpoint that our progress lines show.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=streamed),
