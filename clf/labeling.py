@@ -176,11 +176,9 @@ class Predictor:
         import torch
 
         self.torch = torch
-        self.device = runtime.torch_device(prefer_gpu)
-        self.artifact = artifact.load(model_uri, self.device)
+        self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
         self.classes = np.array(self.artifact.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
-        self.spec = self.artifact.preprocess
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -191,7 +189,7 @@ class Predictor:
         else:
             pixels, errors = self._decode(batch)
             ok = np.array([e == "" for e in errors], dtype=bool)
-            pixels = pixels[self.torch.from_numpy(ok).to(self.device)]
+            pixels = pixels[self.torch.from_numpy(ok).to(self.artifact.device)]
         n = len(ok)
         label_ids = np.zeros(n, dtype=np.int32)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
@@ -221,10 +219,12 @@ class Predictor:
 
     def _decode(self, batch: dict[str, np.ndarray]):
         """``read_batch`` rows -> uint8 pixels on the device for every row, and the errors."""
-        crop, kinds = self.spec.crop, batch["kind"]
+        spec, device, kinds = self.artifact.preprocess, self.artifact.device, batch["kind"]
+        crop = spec.crop
         errors = list(batch["error"])
-        pixels = self.torch.zeros((len(kinds), 3, crop, crop), dtype=self.torch.uint8)
-        pixels = pixels.to(self.device)
+        pixels = self.torch.zeros(
+            (len(kinds), 3, crop, crop), dtype=self.torch.uint8, device=device
+        )
         done = [i for i, kind in enumerate(kinds) if kind == "pixels"]
         if done:
             shape = (3, crop, crop)
@@ -233,7 +233,7 @@ class Predictor:
         jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
         if jpegs:
             data = [batch["data"][i] for i in jpegs]
-            decoded, reasons = decode_on_device(data, self.spec, self.device, self.max_pixels)
+            decoded, reasons = decode_on_device(data, spec, device, self.max_pixels)
             pixels[jpegs] = decoded
             for i, reason in zip(jpegs, reasons):
                 errors[i] = reason
