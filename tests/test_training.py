@@ -24,6 +24,7 @@ from clf.training.data import (
     channel_stats,
     iter_rows,
     shard_name,
+    split_blocks,
     worker_datasets,
 )
 from clf.training.loop import should_stop
@@ -191,6 +192,30 @@ def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tm
     assert 0 <= summary["val_acc"] <= 1 and "f1_macro" in summary["metrics"]
     assert (tmp_path / "run" / "model" / "meta.json").exists()
     assert "ray" not in done.stderr.lower()
+
+
+def test_a_small_split_is_cut_into_blocks_shuffled_by_seed_then_split_by_rank():
+    import pyarrow as pa
+
+    table = pa.table({"label": list(range(10))})
+
+    def labels(parts):
+        return [
+            [row for block in part for row in block.column("label").to_pylist()] for part in parts
+        ]
+
+    train = split_blocks(table, 3, block_rows=2, equal=True, seed=0)
+    assert [len(rows) for rows in labels(train)] == [3, 3, 3]  # DDP: equal steps, remainder dropped
+    assert max(block.num_rows for part in train for block in part) <= 2
+    assert labels(train) == labels(split_blocks(table, 3, block_rows=2, equal=True, seed=0))
+    assert labels(train) != labels(split_blocks(table, 3, block_rows=2, equal=True, seed=1))
+    starts = [rows[0] for rows in labels(split_blocks(table, 5, block_rows=2, equal=True, seed=0))]
+    assert sorted(starts) == [0, 2, 4, 6, 8] and starts != sorted(starts)  # whole blocks moved
+
+    val = labels(split_blocks(table, 3, block_rows=4, equal=False, seed=None))
+    assert val == [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]  # every row kept, file order
+    few = split_blocks(pa.table({"label": [7]}), 2, block_rows=4, equal=False, seed=None)
+    assert labels(few) == [[], [7]] and few[0][0].schema == few[1][0].schema
 
 
 def test_a_small_split_is_cached_and_split_between_workers_before_training(
