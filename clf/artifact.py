@@ -19,6 +19,7 @@ from torch import nn
 
 from clf import formats as fmts
 from clf import storage
+from clf.artifact_meta import check_format_in, file_sha256, read_meta
 from clf.errors import ModelLoadError, UsageError
 from clf.preprocess import Preprocess
 
@@ -147,26 +148,6 @@ def check_formats(formats: tuple[str, ...]) -> None:
             raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
     if len(set(formats)) != len(formats):
         raise UsageError(f"--format {','.join(formats)}: a format is listed twice")
-
-
-def read_meta(uri: str) -> dict[str, Any]:
-    meta_uri = storage.join(uri, "meta.json")
-    if not storage.exists(meta_uri):
-        raise UsageError(f"--model {uri}: not a model artifact (no meta.json)")
-    return storage.read_json(meta_uri)
-
-
-def check_format_in(meta: dict[str, Any], uri: str, fmt: str | None) -> str:
-    """The format to load: ``fmt`` if the artifact has it, else its default."""
-    fmt = fmt or meta["format"]
-    if fmt not in meta["files"]:
-        raise UsageError(f"--format {fmt}: {uri} holds only {', '.join(meta['files'])}")
-    return fmt
-
-
-def file_sha256(meta: dict[str, Any], fmt: str) -> str:
-    # Artifacts from before several formats existed carry one sha256, of their one file.
-    return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
 
 
 def load(uri: str, device: torch.device | str = "cpu", format: str | None = None) -> Artifact:

@@ -8,20 +8,19 @@ so a job killed at any moment and re-run labels only what no committed file cove
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import artifact, runtime, storage
+from clf.checks import check_label
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
@@ -244,24 +243,6 @@ class Predictor:
 # The job
 
 
-def check(cfg: LabelConfig) -> dict[str, Any]:
-    """Flag checks before Ray starts; returns the artifact's meta."""
-    share = cfg.gpus_per_actor
-    if not math.isfinite(share) or share <= 0 or (share > 1 and share != int(share)):
-        raise UsageError(
-            f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
-        )
-    cfg.validate()
-    if cfg.decode == "gpu" and cfg.device == "cpu":
-        raise UsageError("--decode gpu needs the predictor on a GPU, not --device cpu")
-    if not cfg.output:
-        raise UsageError("--output is required")
-    meta = artifact.read_meta(cfg.model)
-    if not storage.exists(cfg.input):
-        raise UsageError(f"--input {cfg.input}: no such file, folder or prefix")
-    return meta
-
-
 def pool_size(cfg: LabelConfig | EvaluateConfig, gpu: bool) -> int:
     if cfg.actors:
         return cfg.actors
@@ -315,7 +296,7 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
     import ray
 
     started = time.monotonic()
-    meta = check(cfg)
+    meta = check_label(cfg)
     model_id = meta["sha256"][:12]
     _check_job(cfg, model_id)
     _remove_temp_files(cfg.output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from clf import cli, runtime
+from clf.checks import check_label
 from clf.config import LabelConfig
 
 
@@ -55,9 +56,9 @@ def build_parser():
 def main() -> None:
     args = build_parser().parse_args()
     cfg = cli.config_from_args(LabelConfig, args)
-    from clf.labeling import check, label
+    check_label(cfg)
+    from clf.labeling import label
 
-    check(cfg)
     runtime.init_ray()
     summary = label(cfg, progress=cli.progress(args.json))
     errors = ", ".join(f"{reason}: {n}" for reason, n in summary.errors.items()) or "none"

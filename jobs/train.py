@@ -7,6 +7,7 @@ Re-running with the same --output resumes from the last checkpoint.
 from __future__ import annotations
 
 from clf import cli, runtime
+from clf.checks import check_train
 from clf.config import (
     BASELINE_MODEL,
     TrainConfig,
@@ -136,21 +137,21 @@ def train_baseline(cfg: TrainConfig, as_json: bool) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     cfg = resolve(args)
-    from clf.training import train
-    from clf.training.trainer import check, resolve_preprocess
-
-    check(cfg)
+    check_train(cfg)
     if cfg.model.name == BASELINE_MODEL:  # the classical baseline: scikit-learn, no Ray
         return train_baseline(cfg, args.json)
     if args.preview_augmentations:
         from clf import storage
         from clf.training.preview import preview_augmentations
+        from clf.training.trainer import resolve_preprocess
 
         png = preview_augmentations(
             cfg, resolve_preprocess(cfg), storage.join(cfg.output, "augmentations.png")
         )
         cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
         return
+    from clf.training import train
+
     runtime.init_ray(dashboard=True)
     summary = train(cfg, progress=cli.progress(args.json))
     last = summary.history[-1] if summary.history else {}

@@ -1,5 +1,6 @@
 """Every job answers --help, and every bad flag is one line on stderr with exit code 2, before Ray."""
 
+import json
 import subprocess
 import sys
 
@@ -21,6 +22,33 @@ def test_a_bad_flag_from_the_command_line_is_one_line_and_exit_2():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "not a model artifact" in done.stderr
+
+
+HEAVY = ("torch", "torchvision", "ray")
+IMPORTS_AFTER_A_FAILED_RUN = """
+import json, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    print(json.dumps([e.code, sorted(m for m in {heavy!r} if m in sys.modules)]))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs.train", "--data", "/no/such/data", "--model", "mobilenet_v2", "--output", "/tmp/r"],
+        ["jobs.label", "--model", "/no/such/art", "--input", "/tmp", "--output", "/tmp/l"],
+    ],
+)
+def test_a_mistyped_path_fails_before_torch_or_ray_is_imported(args):
+    """Those imports take seconds on a small machine; a typo should not wait for them."""
+    code = IMPORTS_AFTER_A_FAILED_RUN.format(heavy=HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert json.loads(done.stdout) == [2, []], done.stderr
 
 
 @pytest.mark.parametrize("name", JOBS)
@@ -55,10 +83,6 @@ def test_every_job_has_help(name):
                 "/tmp/r",
             ],
             "--data /no/such/data",
-        ),
-        (
-            ["jobs.train", "--data", "/tmp", "--model", "resnet9000", "--output", "/tmp/r"],
-            "unknown model 'resnet9000'",
         ),
         (
             [
@@ -148,3 +172,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_unknown_model_name_is_one_line_and_exit_2(tmp_path):
+    """Checked after the paths, since only torchvision and timm know the names."""
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"counts": {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}}})
+    )
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b"]))
+    args = ["--data", str(tmp_path), "--output", str(tmp_path / "run")]
+    done = run_in_process("jobs.train", *args, "--model", "resnet9000")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "unknown model 'resnet9000'" in done.stderr

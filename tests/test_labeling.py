@@ -122,15 +122,17 @@ def test_a_pipe_given_as_input_is_refused_without_opening_it(tmp_path):
 
 @pytest.mark.parametrize("share", [1.5, 0, -1, float("nan"), float("inf")])
 def test_gpus_per_actor_is_a_share_of_one_gpu_or_whole_gpus(small_artifact, tmp_path, share):
+    from clf.checks import check_label
     from clf.config import LabelConfig
     from clf.errors import UsageError
-    from clf.labeling import check
 
     cfg = LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "out"), gpus_per_actor=share)
     with pytest.raises(UsageError, match="--gpus-per-actor"):
-        check(cfg)
+        check_label(cfg)
     for fine in (0.25, 0.5, 1.0, 2.0):
-        check(LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=fine))
+        check_label(
+            LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=fine)
+        )
 
 
 def test_a_temp_file_left_by_a_kill_is_never_output_and_is_cleaned(tmp_path):

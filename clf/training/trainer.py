@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from clf import artifact, models, runtime, storage
-from clf.config import BASELINE_MODEL, TrainConfig, to_dict
+from clf.checks import check_train
+from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
-from clf.ingest import read_classes
 from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
 
@@ -47,24 +47,6 @@ def class_counts(manifest: dict[str, Any], classes: list[str]) -> list[int]:
     return [int(counts.get(name, 0)) for name in classes]
 
 
-def check(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
-    """Everything that can be checked before Ray starts. Returns the classes and the manifest."""
-    cfg.validate()
-    if cfg.model.name != BASELINE_MODEL:
-        models.check_model_name(cfg.model.name)
-    if not cfg.output:
-        raise UsageError("--output is required")
-    if not cfg.data.path or not storage.exists(storage.join(cfg.data.path, "manifest.json")):
-        raise UsageError(f"--data {cfg.data.path}: not a jobs.ingest output (no manifest.json)")
-    manifest = storage.read_json(storage.join(cfg.data.path, "manifest.json"))
-    for split in ("train", "val"):
-        if not manifest["counts"].get(split):
-            raise UsageError(f"--data {cfg.data.path}: the {split} split is empty")
-    if cfg.model.pretrained and not storage.exists(cfg.model.pretrained):
-        raise UsageError(f"--pretrained {cfg.model.pretrained}: not found")
-    return read_classes(cfg.data.path), manifest
-
-
 def _storage_args(run: str) -> dict[str, Any]:
     run = storage.normalize(run)
     parent, name = posixpath.split(run) if run.startswith("s3://") else os.path.split(run)
@@ -88,7 +70,7 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = time.monotonic()
-    classes, manifest = check(cfg)
+    classes, manifest = check_train(cfg)
     run = storage.normalize(cfg.output)
     spec = resolve_preprocess(cfg)
     _guard_config(run, cfg)

@@ -1,0 +1,29 @@
+"""An artifact's ``meta.json``: what it holds and which file to load, read without torch, so
+that jobs can check ``--model`` before anything heavy is imported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clf import storage
+from clf.errors import UsageError
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    meta_uri = storage.join(uri, "meta.json")
+    if not storage.exists(meta_uri):
+        raise UsageError(f"--model {uri}: not a model artifact (no meta.json)")
+    return storage.read_json(meta_uri)
+
+
+def check_format_in(meta: dict[str, Any], uri: str, fmt: str | None) -> str:
+    """The format to load: ``fmt`` if the artifact has it, else its default."""
+    fmt = fmt or meta["format"]
+    if fmt not in meta["files"]:
+        raise UsageError(f"--format {fmt}: {uri} holds only {', '.join(meta['files'])}")
+    return fmt
+
+
+def file_sha256(meta: dict[str, Any], fmt: str) -> str:
+    # Artifacts from before several formats existed carry one sha256, of their one file.
+    return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
