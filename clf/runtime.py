@@ -26,11 +26,19 @@ WORKER_ALLOCATOR_ENV = {
 }
 
 
+# Ray Train 2.60 sets an option that Ray Data 2.60 deprecates, in its own processes before any
+# of ours runs; users cannot act on the warning.
+IGNORED_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
+
+
 def forwarded_env() -> dict[str, str]:
-    """Environment for every Ray worker: object-storage settings and the allocator tuning."""
+    """Environment for every Ray worker: object-storage settings, the allocator tuning, and a
+    warnings filter unless the user set PYTHONWARNINGS (perhaps in the job's runtime_env, whose
+    keys Ray refuses to see repeated here)."""
     own = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     allocator = {} if any(k.startswith("MALLOC_") for k in own) else WORKER_ALLOCATOR_ENV
-    return {**allocator, **own}
+    warnings = {} if "PYTHONWARNINGS" in os.environ else {"PYTHONWARNINGS": IGNORED_WARNINGS}
+    return {**allocator, **own, **warnings}
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False) -> None:
@@ -67,11 +75,39 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = 
             **common,
         )
     if quiet:
-        from ray.data import DataContext
+        quiet_ray_logs()
 
-        for name in ("ray.data", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        DataContext.get_current().enable_progress_bars = False
+
+# Lines Ray logs in every run that tell a user of these jobs nothing, or mislead them.
+RAY_NOISE = {
+    # The predictor pool holds its CPUs on purpose; Ray Data cannot tell, and says it may hang.
+    "ray.data.dataset": "does not have any available CPUs",
+    # The jobs turn the bars off themselves, and print progress lines of their own.
+    "ray.data._internal.progress": "Progress bars disabled",
+}
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_ray_logs() -> None:
+    """Ray Data and Ray Train at WARNING, without progress bars or the lines in ``RAY_NOISE``:
+    on the driver, and in each training worker, whose Ray Data logs at INFO otherwise."""
+    from ray.data import DataContext
+
+    for name in ("ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name, text in RAY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(DropMessage(text))
+    DataContext.get_current().enable_progress_bars = False
 
 
 def _cluster_address() -> str | None:

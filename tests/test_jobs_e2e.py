@@ -142,6 +142,10 @@ def test_training_logs_carry_no_ray_train_noise(hymenoptera_run):
     logs = hymenoptera_run["train_stderr"]
     assert "State API may be temporarily unavailable" not in logs
     assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs
+    # Nor Ray Data's lines from inside each worker: its bars, its per-epoch summaries, and a
+    # deprecation that Ray Train's own code triggers.
+    for noise in ("Progress bars disabled", "execution finished", "exclude_resources"):
+        assert noise not in logs, noise
 
 
 def test_training_runs_channels_last_on_cpu_too(hymenoptera_run):

@@ -15,7 +15,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clf import models
+from clf import models, runtime
 from clf.config import TrainConfig, from_dict
 from clf.preprocess import Preprocess
 from clf.training import checkpoint, metrics
@@ -104,6 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Ray Train sets the worker's root logger to INFO, and its per-report line is logged under a
     # file-path logger name that the RunConfig's ray.train level does not reach.
     logging.getLogger().setLevel(logging.WARNING)
+    runtime.quiet_ray_logs()
     cfg = from_dict(TrainConfig, config["train"])
     spec = Preprocess.from_meta(config["preprocess"])
     classes, run, batches_per_epoch = config["classes"], config["run"], config["steps_per_epoch"]
