@@ -201,7 +201,8 @@ def ingest(
     progress: Callable[[str], None] = lambda message: None,
 ) -> IngestSummary:
     """Ingest ``cfg.src`` into ``cfg.dst``. ``run_shards`` maps ``write_shard`` over the plans
-    (Ray tasks in the job); by default shards are written one after another in this process."""
+    (the job spreads a big source over Ray tasks); by default they are written one after another
+    in this process."""
     started = time.monotonic()
     cfg.validate()
     manifest_uri = storage.join(cfg.dst, "manifest.json")

@@ -4,7 +4,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, job_json, run_in_process
 
 from clf.config import IngestConfig
 from clf.errors import UsageError
@@ -79,3 +79,11 @@ def test_bad_files_are_listed_as_rejected(flat_tree, tmp_path):
 def test_missing_source_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no such folder"):
         ingest(IngestConfig(src=str(tmp_path / "nope"), dst=str(tmp_path / "out")))
+
+
+def test_the_job_writes_a_small_source_without_starting_ray(flat_tree, tmp_path):
+    """A few shards are written sooner than Ray starts; a bigger source runs as Ray tasks
+    (tests/test_s3_faults.py ingests 8 shards that way, through a faulty S3)."""
+    done = run_in_process("jobs.ingest", "--src", str(flat_tree), "--dst", str(tmp_path), "--json")
+    summary = job_json(done)  # run_in_process also checks that Ray never started
+    assert summary["images"] == 120 and summary["shards"] == 2
