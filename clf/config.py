@@ -8,6 +8,7 @@ and saved with the run as ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,10 @@ class TrainConfig:
                 f"config key model.head_epochs: two-phase needs head_epochs ({self.model.head_epochs})"
                 f" < epochs ({self.epochs})"
             )
+        # Ray Train runs the training function in a working folder of its own.
+        self.output, self.data.path = absolute(self.output), absolute(self.data.path)
+        if self.model.pretrained:
+            self.model.pretrained = absolute(self.model.pretrained)
         return self
 
 
@@ -229,6 +234,13 @@ class EvaluateConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Building and overriding configs
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute, so that it means the same in every process; a URI as given."""
+    if not uri or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 def to_dict(config: Any) -> dict[str, Any]:

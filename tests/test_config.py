@@ -1,5 +1,7 @@
 """Config: one typed tree; every mistake is a one-line error naming the key."""
 
+import os
+
 import pytest
 
 from clf.config import TrainConfig, from_dict, merge, parse_override, to_dict
@@ -12,6 +14,17 @@ def build(**overrides):
 
 def test_defaults_are_valid():
     assert build().optim.name == "adamw"
+
+
+def test_local_paths_become_absolute_and_uris_stay_as_given(tmp_path, monkeypatch):
+    """Ray Train runs the training function in a folder of its own, where a relative
+    --pretrained, --data or --output would name nothing."""
+    monkeypatch.chdir(tmp_path)
+    cfg = build(**{"output": "run", "data.path": "dst", "model.pretrained": "~/w.pth"})
+    assert cfg.output == str(tmp_path / "run") and cfg.data.path == str(tmp_path / "dst")
+    assert cfg.model.pretrained == os.path.expanduser("~/w.pth")
+    remote = build(**{"output": "s3://b/run", "model.pretrained": "s3://b/w.pth"})
+    assert (remote.output, remote.model.pretrained) == ("s3://b/run", "s3://b/w.pth")
 
 
 def test_dotted_overrides_reach_nested_keys():

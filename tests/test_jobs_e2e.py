@@ -83,7 +83,7 @@ def hymenoptera_run(tmp_path_factory, mobilenet_weights):
         "--model",
         "mobilenet_v2",
         "--pretrained",
-        mobilenet_weights,
+        os.path.relpath(mobilenet_weights, ROOT),  # as users type it; workers run elsewhere
         "--output",
         run,
         "--workers",
