@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from clf import runtime
 from clf.errors import ClfError, UsageError
 
 
@@ -60,6 +61,7 @@ def positive_seconds(text: str) -> float:
 
 def run(prog: str, main: Callable[[], dict[str, Any] | None]) -> NoReturn:
     """Run a job's ``main``; a ``ClfError`` becomes one line on stderr (exit 2 for usage)."""
+    runtime.tune_allocator()
     try:
         main()
     except UsageError as e:

