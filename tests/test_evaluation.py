@@ -312,51 +312,28 @@ def test_flags_are_checked_before_any_work(cifar_small, tmp_path, change, messag
 
 
 @pytest.mark.slow
-def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_weights):
+def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_artifact):
     """Acceptance: top-1 >= 80% and top-5 >= 94% on the 1000 ImageNet samples."""
     src = tmp_path / "src"
     for name in sorted(os.listdir(IMAGENET_SAMPLES)):  # the samples sit flat: one folder per wnid
         (src / name.split("_", 1)[0]).mkdir(parents=True)
         os.symlink(IMAGENET_SAMPLES / name, src / name.split("_", 1)[0] / name)
-    data, art, out = tmp_path / "data", tmp_path / "art", tmp_path / "report"
-
-    def job(*args: str) -> dict:
-        return job_json(run_job(*args, "--json"))
+    data, out = tmp_path / "data", tmp_path / "report"
 
     # One image per class: a test fraction of 0.9 rounds to that one image.
-    job(
-        "jobs.ingest",
-        "--src",
-        str(src),
-        "--dst",
-        str(data),
-        "--val-fraction",
-        "0",
-        "--test-fraction",
-        "0.9",
-    )
-    job(
-        "jobs.export",
-        "--model",
-        "mobilenet_v2",
-        "--pretrained",
-        mobilenet_weights,
-        "--classes",
-        "imagenet",
-        "--format",
-        "onnx",  # twice eager's speed on CPU, and the format a CPU user would pick
-        "--output",
-        str(art),
-    )
-    summary = job(
-        "jobs.evaluate",
-        "--model",
-        str(art),
-        "--data",
-        f"{data}/test",
-        "--output",
-        str(out),
-        "--diagnostics",
+    ingest(IngestConfig(src=str(src), dst=str(data), val_fraction=0, test_fraction=0.9))
+    summary = job_json(
+        run_job(
+            "jobs.evaluate",
+            "--model",
+            mobilenet_artifact,
+            "--data",
+            f"{data}/test",
+            "--output",
+            str(out),
+            "--diagnostics",
+            "--json",
+        )
     )
 
     m = summary["metrics"]
