@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clf import artifact, runtime, storage
+from clf import runtime, storage
 from clf.checks import check_label
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
-from clf.device_decode import decode_on_device
 from clf.errors import ClfError, UsageError
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.preprocess import Preprocess
@@ -172,7 +171,10 @@ class Predictor:
     def __init__(
         self, model_uri: str, top_k: int, prefer_gpu: bool, max_pixels: int = DEFAULT_MAX_PIXELS
     ):
+        # Here, not at the top: the job's own process never runs the model, and torch costs it 2 s.
         import torch
+
+        from clf import artifact
 
         self.torch = torch
         self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
@@ -231,6 +233,8 @@ class Predictor:
             pixels[done] = self.artifact.to_device(np.stack(host))
         jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
         if jpegs:
+            from clf.device_decode import decode_on_device
+
             data = [batch["data"][i] for i in jpegs]
             decoded, reasons = decode_on_device(data, spec, device, self.max_pixels)
             pixels[jpegs] = decoded
