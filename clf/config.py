@@ -238,6 +238,8 @@ class EvaluateConfig:
 
 def absolute(uri: str) -> str:
     """A local path made absolute, so that it means the same in every process; a URI as given."""
+    if uri.startswith("file://"):
+        return "file://" + absolute(uri[len("file://") :])
     if not uri or "://" in uri:
         return uri
     return os.path.abspath(os.path.expanduser(uri))

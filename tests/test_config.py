@@ -20,8 +20,8 @@ def test_local_paths_become_absolute_and_uris_stay_as_given(tmp_path, monkeypatc
     """Ray Train runs the training function in a folder of its own, where a relative
     --pretrained, --data or --output would name nothing."""
     monkeypatch.chdir(tmp_path)
-    cfg = build(**{"output": "run", "data.path": "dst", "model.pretrained": "~/w.pth"})
-    assert cfg.output == str(tmp_path / "run") and cfg.data.path == str(tmp_path / "dst")
+    cfg = build(**{"output": "run", "data.path": "file://dst", "model.pretrained": "~/w.pth"})
+    assert cfg.output == str(tmp_path / "run") and cfg.data.path == f"file://{tmp_path}/dst"
     assert cfg.model.pretrained == os.path.expanduser("~/w.pth")
     remote = build(**{"output": "s3://b/run", "model.pretrained": "s3://b/w.pth"})
     assert (remote.output, remote.model.pretrained) == ("s3://b/run", "s3://b/w.pth")
