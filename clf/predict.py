@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from clf import artifact, storage
-from clf.decode import DecodeError, decode_image
-from clf.transforms import eval_transform
+from clf.config import DEFAULT_MAX_PIXELS
+from clf.decode import DecodeError
+from clf.preprocess import eval_pixels
 
 BATCH = 32
 
@@ -19,16 +20,15 @@ def predict(
     """``{"model", "format", "results": [{"image", "error", "top": [{"label", "probability"}]}]}``."""
     loaded = artifact.load(model_uri, format=format)
     spec = loaded.preprocess
-    transform = eval_transform(spec)
     results: list[dict[str, Any]] = [{"image": uri, "error": None, "top": []} for uri in images]
     pixels, rows = [], []
     for row, uri in enumerate(images):
-        try:
-            image = decode_image(storage.read_bytes(uri), min_size=spec.resize)
+        try:  # the label job's decode and crop, so both give an image the same label
+            crop = eval_pixels(storage.read_bytes(uri), spec, DEFAULT_MAX_PIXELS)
         except (DecodeError, storage.StorageError) as e:
             results[row]["error"] = str(e)
             continue
-        pixels.append(transform(image))
+        pixels.append(torch.tensor(crop))  # a copy: the crop is a read-only view of the image
         rows.append(row)
     k = min(top_k, len(loaded.classes))
     for start in range(0, len(pixels), BATCH):
