@@ -174,9 +174,10 @@ class Predictor:
         # Here, not at the top: the job's own process never runs the model, and torch costs it 2 s.
         import torch
 
-        from clf import artifact
+        from clf import artifact, device_decode
 
         self.torch = torch
+        self.decode_on_device = device_decode.decode_on_device
         self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
         self.classes = np.array(self.artifact.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
@@ -233,10 +234,8 @@ class Predictor:
             pixels[done] = self.artifact.to_device(np.stack(host))
         jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
         if jpegs:
-            from clf.device_decode import decode_on_device
-
             data = [batch["data"][i] for i in jpegs]
-            decoded, reasons = decode_on_device(data, spec, device, self.max_pixels)
+            decoded, reasons = self.decode_on_device(data, spec, device, self.max_pixels)
             pixels[jpegs] = decoded
             for i, reason in zip(jpegs, reasons):
                 errors[i] = reason
