@@ -139,9 +139,7 @@ def from_pretrained(
 ) -> dict[str, Any]:
     models.check_model_name(name)
     classes = resolve_classes(classes_spec)
-    model = models.create_model(name, len(classes), pretrained=pretrained)
-    if models.head(model).out_features != len(classes):
-        raise UsageError(f"--classes has {len(classes)} names but the weights' head differs")
+    model = models.create_model(name, len(classes), pretrained=pretrained, with_head=True)
     spec = models.default_preprocess(name, model)
     images = load_sample(sample, spec, classes)
     return artifact.export(

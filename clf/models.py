@@ -68,9 +68,18 @@ def check_model_name(name: str) -> str:
 
 
 def create_model(
-    name: str, num_classes: int, *, pretrained: str | None = None, drop_rate: float = 0.0
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | None = None,
+    drop_rate: float = 0.0,
+    with_head: bool = False,
 ) -> nn.Module:
-    """A model with a fresh ``num_classes`` head; the backbone loads ``pretrained`` if given."""
+    """A model with a ``num_classes`` head; the backbone loads ``pretrained`` if given.
+
+    The head is fresh unless ``with_head``: then it comes from the weights too, and weights
+    whose head has another number of classes are refused.
+    """
     family, arch = _family(name)
     if family == "clf":
         model = SmallCNN(num_classes, drop_rate=drop_rate)
@@ -84,8 +93,10 @@ def create_model(
         import timm
 
         model = timm.create_model(arch, pretrained=False, drop_rate=drop_rate)
+    if with_head:
+        reset_head(model, num_classes)
     if pretrained:
-        load_pretrained(model, pretrained, name)
+        load_pretrained(model, pretrained, name, with_head=with_head)
     reset_head(model, num_classes)
     return model
 
@@ -147,11 +158,20 @@ def load_state_dict_file(uri: str) -> Mapping[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_pretrained(model: nn.Module, uri: str, name: str) -> None:
-    """Load backbone weights; a head of another size is skipped, anything else must match."""
+def load_pretrained(model: nn.Module, uri: str, name: str, *, with_head: bool = False) -> None:
+    """Load backbone weights; a head of another size is skipped (unless ``with_head``), anything
+    else must match."""
     state = load_state_dict_file(uri)
     own = model.state_dict()
     heads = head_parameter_names(model)
+    if with_head:
+        weight = next(k for k in heads if own[k].dim() == 2)
+        if weight not in state or state[weight].shape != own[weight].shape:
+            found = f"a {state[weight].shape[0]}-class head" if weight in state else "no head"
+            raise ModelLoadError(
+                f"weights {uri} hold {found}, not the {own[weight].shape[0]} classes asked for"
+            )
+        heads = set()
     missing = [k for k in own if k not in state and k not in heads]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape and k not in heads]

@@ -278,6 +278,22 @@ def test_bad_format_is_a_one_line_usage_error(args, message):
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_export_refuses_pretrained_weights_whose_head_has_another_class_count(
+    mobilenet_weights, tmp_path
+):
+    """Resizing the head would export a randomly initialised classifier that passes parity."""
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    done = run_in_process(
+        "jobs.export",
+        *("--model", "mobilenet_v2", "--pretrained", mobilenet_weights),
+        *("--classes", str(tmp_path / "classes.json"), "--output", str(tmp_path / "art")),
+    )
+    assert done.returncode == 2
+    assert "hold a 1000-class head, not the 2 classes asked for" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "art").exists()
+
+
 def test_predict_starts_without_torchvision():
     """It crops as the label job does; torchvision (with torch._dynamo) was 3 s of the 7.9 s
     that one image's prediction took."""

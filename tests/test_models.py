@@ -28,6 +28,21 @@ def test_pretrained_backbone_loads_and_head_is_replaced(mobilenet_weights):
     assert head(model).out_features == 3
 
 
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "timm/resnet18"])
+def test_with_head_the_head_comes_from_the_weights_and_must_have_as_many_classes(
+    name, tmp_path
+):
+    torch.manual_seed(0)
+    trained = create_model(name, 10)
+    weights = tmp_path / "ten.pth"
+    torch.save(trained.state_dict(), weights)
+
+    model = create_model(name, 10, pretrained=str(weights), with_head=True)
+    assert torch.equal(head(model).weight, head(trained).weight)
+    with pytest.raises(ModelLoadError, match="hold a 10-class head, not the 2 classes asked"):
+        create_model(name, 2, pretrained=str(weights), with_head=True)
+
+
 def test_weights_of_another_architecture_are_refused(mobilenet_weights):
     with pytest.raises(ModelLoadError, match="do not fit resnet18: .* missing"):
         create_model("resnet18", 2, pretrained=mobilenet_weights)
