@@ -29,6 +29,13 @@ def parser(prog: str, description: str) -> ArgumentParser:
     return p
 
 
+def location(text: str) -> str:
+    """A path or URI flag. An empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a path or an s3:// URI")
+    return text
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)

@@ -11,10 +11,20 @@ from clf.evaluating import EvaluateConfig, check, evaluate
 def build_parser():
     p = cli.parser("evaluate", __doc__)
     p.add_argument(
-        "--model", required=True, help="model artifact (ART), or hog_svm for the HOG+SVM baseline"
+        "--model",
+        type=cli.location,
+        required=True,
+        help="model artifact (ART), or hog_svm for the HOG+SVM baseline",
     )
-    p.add_argument("--data", required=True, help="a split of jobs.ingest shards, e.g. DST/test")
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for the report")
+    p.add_argument(
+        "--data",
+        type=cli.location,
+        required=True,
+        help="a split of jobs.ingest shards, e.g. DST/test",
+    )
+    p.add_argument(
+        "--output", type=cli.location, required=True, help="folder or s3:// prefix for the report"
+    )
     p.add_argument("--top-k", type=cli.positive_int, default=5)
     p.add_argument(
         "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
@@ -27,7 +37,11 @@ def build_parser():
         action="store_true",
         help="also draw first-layer filters and the most confidently wrong images",
     )
-    p.add_argument("--train", help="with --model hog_svm: the split to fit on, e.g. DST/train")
+    p.add_argument(
+        "--train",
+        type=cli.location,
+        help="with --model hog_svm: the split to fit on, e.g. DST/train",
+    )
     p.add_argument(
         "--baseline-size", type=cli.positive_int, default=64, help="hog_svm: HOG image side (px)"
     )

@@ -12,11 +12,15 @@ from clf.formats import INT8_MIN_AGREEMENT
 
 def build_parser():
     p = cli.parser("export", __doc__)
-    p.add_argument("--run", help="training run (RUN) whose best checkpoint to export")
-    p.add_argument("--model", help="with --pretrained: architecture name")
-    p.add_argument("--pretrained", help="with --model: state dict path or URI")
     p.add_argument(
-        "--classes", help="with --model: classes file (.json or one per line) or 'imagenet'"
+        "--run", type=cli.location, help="training run (RUN) whose best checkpoint to export"
+    )
+    p.add_argument("--model", help="with --pretrained: architecture name")
+    p.add_argument("--pretrained", type=cli.location, help="with --model: state dict path or URI")
+    p.add_argument(
+        "--classes",
+        type=cli.location,
+        help="with --model: classes file (.json or one per line) or 'imagenet'",
     )
     p.add_argument(
         "--format",
@@ -25,6 +29,7 @@ def build_parser():
     )
     p.add_argument(
         "--sample",
+        type=cli.location,
         help="images or Parquet shards to check parity on and calibrate int8 with "
         "(default: the run's val split; with --model, photos shipped in scikit-image)",
     )
@@ -34,7 +39,9 @@ def build_parser():
         default=INT8_MIN_AGREEMENT,
         help=f"top-1 agreement of int8 with fp32 required (default {INT8_MIN_AGREEMENT})",
     )
-    p.add_argument("--output", required=True, help="artifact folder or s3:// prefix (ART)")
+    p.add_argument(
+        "--output", type=cli.location, required=True, help="artifact folder or s3:// prefix (ART)"
+    )
     return p
 
 

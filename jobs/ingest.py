@@ -13,9 +13,12 @@ from clf.ingest import ingest, write_shard
 def build_parser():
     p = cli.parser("ingest", __doc__)
     p.add_argument(
-        "--src", required=True, help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]"
+        "--src",
+        type=cli.location,
+        required=True,
+        help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]",
     )
-    p.add_argument("--dst", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--dst", type=cli.location, required=True, help="output folder or s3:// prefix")
     p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="when src has no val/")
     p.add_argument("--test-fraction", type=cli.fraction, default=0.0, help="when src has no test/")
     p.add_argument("--seed", type=int, default=0)

@@ -11,11 +11,21 @@ from clf.config import LabelConfig
 
 def build_parser():
     p = cli.parser("label", __doc__)
-    p.add_argument("--model", required=True, help="model artifact folder or URI (ART)")
     p.add_argument(
-        "--input", required=True, help="folder/prefix of images, or of Parquet image shards"
+        "--model", type=cli.location, required=True, help="model artifact folder or URI (ART)"
     )
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for the label rows")
+    p.add_argument(
+        "--input",
+        type=cli.location,
+        required=True,
+        help="folder/prefix of images, or of Parquet image shards",
+    )
+    p.add_argument(
+        "--output",
+        type=cli.location,
+        required=True,
+        help="folder or s3:// prefix for the label rows",
+    )
     p.add_argument("--top-k", type=cli.positive_int, default=5)
     p.add_argument(
         "--batch-size", type=cli.positive_int, default=64, help="images per inference call"

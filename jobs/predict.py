@@ -11,12 +11,14 @@ from clf.errors import UsageError
 
 def build_parser():
     p = cli.parser("predict", __doc__)
-    p.add_argument("--model", required=True, help="model artifact folder or URI (ART)")
+    p.add_argument(
+        "--model", type=cli.location, required=True, help="model artifact folder or URI (ART)"
+    )
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="classes to show (default 5)")
     p.add_argument(
         "--format", choices=FORMATS, help="which of the artifact's files to run (default: its own)"
     )
-    p.add_argument("images", nargs="+", help="image files or URIs")
+    p.add_argument("images", type=cli.location, nargs="+", help="image files or URIs")
     return p
 
 

@@ -52,16 +52,18 @@ FLAG_KEYS = {
 
 def build_parser():
     p = cli.parser("train", __doc__)
-    p.add_argument("--data", help="jobs.ingest output (DST)")
+    p.add_argument("--data", type=cli.location, help="jobs.ingest output (DST)")
     p.add_argument(
         "--model", help="small_cnn, a torchvision or a timm model name, or hog_svm (baseline)"
     )
-    p.add_argument("--output", help="run folder or s3:// prefix (RUN)")
+    p.add_argument("--output", type=cli.location, help="run folder or s3:// prefix (RUN)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per worker")
     p.add_argument("--lr", type=float)
-    p.add_argument("--pretrained", help="state dict path or URI for the backbone")
+    p.add_argument(
+        "--pretrained", type=cli.location, help="state dict path or URI for the backbone"
+    )
     p.add_argument("--strategy", help="frozen|finetune|two-phase")
     p.add_argument("--head-epochs", type=int, help="two-phase: epochs of head-only training")
     p.add_argument("--input-size", type=int)
@@ -91,7 +93,7 @@ def build_parser():
         action="store_true",
         help="write OUTPUT/augmentations.png of augmented train images and exit",
     )
-    p.add_argument("--config", help="YAML file of config keys (see README)")
+    p.add_argument("--config", type=cli.location, help="YAML file of config keys (see README)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any key"
     )

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
 
-JOBS = ["ingest", "train", "export", "label", "predict"]
+JOBS = ["ingest", "train", "export", "label", "evaluate", "predict"]
 
 
 def job(*args: str) -> subprocess.CompletedProcess:
@@ -173,6 +173,25 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     done = run_in_process(*args)  # which also checks that Ray never started
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["jobs.ingest", "--src", "", "--dst", "/tmp/d"],
+        ["jobs.ingest", "--src", "/tmp", "--dst", " "],
+        ["jobs.train", "--data", "", "--model", "small_cnn", "--output", "/tmp/r"],
+        ["jobs.export", "--run", "/tmp/r", "--output", ""],
+        ["jobs.label", "--model", "/tmp/a", "--input", "", "--output", "/tmp/l"],
+        ["jobs.evaluate", "--model", "/tmp/a", "--data", "", "--output", "/tmp/e"],
+        ["jobs.predict", "--model", "/tmp/a", ""],
+    ],
+)
+def test_an_empty_path_is_refused_rather_than_taken_as_the_current_folder(args):
+    done = run_in_process(*args)
+    assert done.returncode == 2, done.stderr
+    assert "empty; give a path or an s3:// URI" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
