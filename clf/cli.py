@@ -33,6 +33,11 @@ def location(text: str) -> str:
     """A path or URI flag. An empty one would silently mean the current folder."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; give a path or an s3:// URI")
+    scheme = text.split("://", 1)[0] if "://" in text else None
+    if scheme not in (None, "file", "s3", "s3a"):
+        raise argparse.ArgumentTypeError(
+            f"{scheme}:// is not supported; give a path or an s3:// URI"
+        )
     return text
 
 

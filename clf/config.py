@@ -8,13 +8,14 @@ and saved with the run as ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from clf.errors import UsageError
+from clf.errors import ClfError, UsageError
 
 Device = Literal["auto", "cpu", "cuda"]
 Decode = Literal["auto", "cpu", "gpu"]
@@ -105,7 +106,12 @@ class TrainConfig:
         _positive(self, "epochs", "workers", "keep_checkpoints", "data.batch_size")
         _positive(self, "optim.accumulate", "optim.layer_groups", "schedule.step_epochs")
         _at_least(self, 0, "max_failures", "schedule.warmup_epochs", "model.head_epochs")
-        _at_least(self, 0, "augment.mixup", "augment.cutmix")
+        _at_least(self, 0, "augment.mixup", "augment.cutmix", "augment.rotation")
+        _at_least(self, 0, "augment.color_jitter", "optim.weight_decay")
+        _positive(self, "optim.finetune_lr_scale")
+        _fraction(self, "optim.momentum")
+        if self.optim.clip_grad is not None:
+            _positive(self, "optim.clip_grad")
         _fraction(self, "augment.hflip", "augment.random_erasing", "optim.label_smoothing")
         _fraction(self, "augment.scale_min", "model.drop_rate", "schedule.gamma")
         _fraction(self, "optim.discriminative_lr", "schedule.onecycle_pct_start")
@@ -284,7 +290,11 @@ def load_yaml(path: str) -> dict[str, Any]:
     from clf import storage
 
     try:
-        values = yaml.safe_load(storage.read_bytes(path)) or {}
+        text = storage.read_bytes(path)
+    except (ClfError, OSError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    try:
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
@@ -360,15 +370,16 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
+# Written as "not (in range)" so that NaN, which fails every comparison, is refused too.
 def _positive(config: Any, *keys: str) -> None:
     for key in keys:
-        if _get(config, key) <= 0:
+        if not 0 < _get(config, key) < math.inf:
             raise UsageError(f"config key {key}: must be positive, got {_get(config, key)}")
 
 
 def _at_least(config: Any, low: float, *keys: str) -> None:
     for key in keys:
-        if _get(config, key) < low:
+        if not low <= _get(config, key) < math.inf:
             raise UsageError(f"config key {key}: must be >= {low}, got {_get(config, key)}")
 
 

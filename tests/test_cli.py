@@ -167,6 +167,9 @@ def test_every_job_has_help(name):
             "--progress-every: must be a positive number of seconds, got 0",
         ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
+        (["jobs.train", "--config", "/no/such.yaml"], "--config /no/such.yaml: not found"),
+        (["jobs.train", "--config", "/tmp"], "--config /tmp: cannot read"),
+        (["jobs.ingest", "--src", "gs://b/x", "--dst", "/tmp/d"], "--src: gs:// is not supported"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -71,6 +71,15 @@ def test_set_values_keep_their_yaml_types():
         ({"schedule.name": "linear"}, "config key schedule.name: must be one of"),
         ({"model.ema_decay": 1.5}, "config key model.ema_decay: must be in (0, 1)"),
         ({"early_stopping": 0}, "config key early_stopping: patience must be at least 1"),
+        ({"optim.weight_decay": -1.0}, "config key optim.weight_decay: must be >= 0"),
+        ({"optim.momentum": 1.5}, "config key optim.momentum: must be in [0, 1]"),
+        ({"optim.clip_grad": 0.0}, "config key optim.clip_grad: must be positive"),
+        ({"optim.finetune_lr_scale": 0.0}, "config key optim.finetune_lr_scale"),
+        ({"augment.rotation": -10.0}, "config key augment.rotation: must be >= 0"),
+        ({"augment.color_jitter": -0.1}, "config key augment.color_jitter: must be >= 0"),
+        ({"augment.cutmix": float("nan")}, "config key augment.cutmix: must be >= 0, got nan"),
+        ({"augment.mixup": float("inf")}, "config key augment.mixup: must be >= 0, got inf"),
+        ({"schedule.step_epochs": float("nan")}, "config key schedule.step_epochs"),
     ],
 )
 def test_recipe_keys_are_validated_with_the_key_named(override, message):

@@ -29,9 +29,7 @@ def test_pretrained_backbone_loads_and_head_is_replaced(mobilenet_weights):
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18", "timm/resnet18"])
-def test_with_head_the_head_comes_from_the_weights_and_must_have_as_many_classes(
-    name, tmp_path
-):
+def test_with_head_the_head_comes_from_the_weights_and_must_have_as_many_classes(name, tmp_path):
     torch.manual_seed(0)
     trained = create_model(name, 10)
     weights = tmp_path / "ten.pth"
