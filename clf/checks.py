@@ -6,7 +6,6 @@ in about a second. The model name, which only torchvision and timm can check, co
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from clf import storage
@@ -38,11 +37,6 @@ def check_train(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
 
 def check_label(cfg: LabelConfig) -> dict[str, Any]:
     """``jobs.label``'s flags, model and input; returns the artifact's meta."""
-    share = cfg.gpus_per_actor
-    if not math.isfinite(share) or share <= 0 or (share > 1 and share != int(share)):
-        raise UsageError(
-            f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
-        )
     cfg.validate()
     if cfg.decode == "gpu" and cfg.device == "cpu":
         raise UsageError("--decode gpu needs the predictor on a GPU, not --device cpu")

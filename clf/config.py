@@ -182,15 +182,8 @@ class LabelConfig:
     progress_every: float = 30.0  # seconds between progress lines
 
     def validate(self) -> LabelConfig:
-        _positive(
-            self,
-            "top_k",
-            "batch_size",
-            "max_pixels",
-            "decode_batch_size",
-            "gpus_per_actor",
-            "progress_every",
-        )
+        _gpu_share(self.gpus_per_actor)
+        _positive(self, "top_k", "batch_size", "max_pixels", "decode_batch_size", "progress_every")
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
         return self
@@ -225,8 +218,7 @@ class EvaluateConfig:
                 )
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
-        if self.gpus_per_actor <= 0:
-            raise UsageError(f"--gpus-per-actor must be positive, got {self.gpus_per_actor}")
+        _gpu_share(self.gpus_per_actor)
         if self.baseline_size < 16:
             raise UsageError(f"--baseline-size must be at least 16, got {self.baseline_size}")
         if self.train and self.model != BASELINE_MODEL:
@@ -368,6 +360,14 @@ def _get(config: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         config = getattr(config, part)
     return config
+
+
+def _gpu_share(share: float) -> None:
+    """Ray gives an actor a share of one GPU, or whole GPUs: never 1.5 of them."""
+    if not 0 < share < math.inf or (share > 1 and share != int(share)):
+        raise UsageError(
+            f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
+        )
 
 
 # Written as "not (in range)" so that NaN, which fails every comparison, is refused too.

@@ -167,6 +167,16 @@ def test_every_job_has_help(name):
             "--progress-every: must be a positive number of seconds, got 0",
         ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
+        (
+            ["jobs.evaluate", "--model", "/a", "--data", "/d", "--output", "/tmp/e"]
+            + ["--gpus-per-actor", "nan"],
+            "--gpus-per-actor nan: use a share of one GPU (0.5) or a whole number",
+        ),
+        (
+            ["jobs.evaluate", "--model", "/a", "--data", "/d", "--output", "/tmp/e"]
+            + ["--gpus-per-actor", "1.5"],
+            "--gpus-per-actor 1.5: use a share of one GPU (0.5) or a whole number",
+        ),
         (["jobs.train", "--config", "/no/such.yaml"], "--config /no/such.yaml: not found"),
         (["jobs.train", "--config", "/tmp"], "--config /tmp: cannot read"),
         (["jobs.ingest", "--src", "gs://b/x", "--dst", "/tmp/d"], "--src: gs:// is not supported"),
