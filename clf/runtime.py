@@ -85,11 +85,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = 
             raise ConnectionError("no Ray cluster to join")
         ray.init(address=address, **common)
     except ConnectionError:
-        # None running: an embedded Ray for this machine only. It advertises loopback (its GCS
-        # still binds every interface; token auth guards it); a dashboard serves loopback only.
+        # None running: an embedded Ray for this machine only, which no other node joins. Ray
+        # advertises the machine's address even when told 127.0.0.1, and its ports bind every
+        # interface; token auth guards them. A dashboard serves loopback only.
         ray.init(
             num_cpus=num_cpus,
-            _node_ip_address="127.0.0.1",
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             **common,
@@ -142,7 +142,10 @@ def _cluster_address() -> str | None:
     """
     from ray._private.services import find_bootstrap_address
 
-    return os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+    address = os.environ.get("RAY_ADDRESS")
+    if address == "local":  # Ray's word for "start a new one": the embedded one below
+        return None
+    return address or find_bootstrap_address(None)
 
 
 def cluster_gpus() -> float:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A single-machine Ray cluster on loopback, with token auth, to submit clf jobs to as if it
-# were a real cluster (the same `ray job submit` path as cluster/submit-*.sh use).
+# A single-machine Ray cluster with token auth and its dashboard on 127.0.0.1, to submit clf
+# jobs to as if it were a real cluster (the same `ray job submit` path as cluster/submit-*.sh use).
 #
 #   cluster/local-head.sh start [RAY_START_FLAGS...]   e.g. start --num-cpus 8 --num-gpus 1
 #   cluster/local-head.sh status
@@ -32,7 +32,6 @@ start() {
     }
     ray get-auth-token --generate >/dev/null
     RAY_AUTH_MODE=token ray start --head \
-        --node-ip-address 127.0.0.1 \
         --port "$port" \
         --dashboard-host 127.0.0.1 \
         --dashboard-port "$dashboard_port" \
@@ -40,7 +39,7 @@ start() {
         "$@"
     cat <<EOF
 
-Ray head on 127.0.0.1:$port (dashboard $dashboard), token auth on (~/.ray/auth_token).
+Ray head on port $port (dashboard $dashboard), token auth on (~/.ray/auth_token).
 Submit jobs from the repository root. A submitted job runs in an uploaded copy of the
 repository, so give absolute paths (or s3:// URIs), not paths relative to this checkout:
 
