@@ -23,8 +23,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or default == []:
+            return text
+        return text if "default" in text else f"{text} (default: %(default)s)".strip()
+
+
 def parser(prog: str, description: str) -> ArgumentParser:
-    p = ArgumentParser(prog=f"python -m jobs.{prog}", description=description)
+    p = ArgumentParser(
+        prog=f"python -m jobs.{prog}", description=description, formatter_class=HelpFormatter
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line instead of the summary")
     return p
 
@@ -48,6 +61,16 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
 
 

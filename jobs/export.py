@@ -25,19 +25,21 @@ def build_parser():
     p.add_argument(
         "--format",
         default="torchscript",
-        help=f"comma-separated, the first is the default one loaded: {','.join(FORMATS)}",
+        help=f"comma-separated from {','.join(FORMATS)}; the first is loaded "
+        "unless another is asked for",
     )
     p.add_argument(
         "--sample",
         type=cli.location,
         help="images or Parquet shards to check parity on and calibrate int8 with "
-        "(default: the run's val split; with --model, photos shipped in scikit-image)",
+        "(default: the run's val split; with --model, photos shipped in scikit-image and "
+        "scikit-learn)",
     )
     p.add_argument(
         "--min-int8-agreement",
-        type=cli.fraction,
+        type=cli.unit_interval,
         default=INT8_MIN_AGREEMENT,
-        help=f"top-1 agreement of int8 with fp32 required (default {INT8_MIN_AGREEMENT})",
+        help="top-1 agreement of int8 with fp32 required",
     )
     p.add_argument(
         "--output", type=cli.location, required=True, help="artifact folder or s3:// prefix (ART)"

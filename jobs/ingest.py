@@ -21,9 +21,14 @@ def build_parser():
     p.add_argument("--dst", type=cli.location, required=True, help="output folder or s3:// prefix")
     p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="when src has no val/")
     p.add_argument("--test-fraction", type=cli.fraction, default=0.0, help="when src has no test/")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     p.add_argument("--shard-size", type=cli.positive_int, default=1000, help="images per shard")
-    p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)
+    p.add_argument(
+        "--max-pixels",
+        type=cli.positive_int,
+        default=100_000_000,
+        help="larger images are rejected from the header, before decoding (decompression bombs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an ingest of another source")
     return p
 

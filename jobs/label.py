@@ -26,7 +26,9 @@ def build_parser():
         required=True,
         help="folder or s3:// prefix for the label rows",
     )
-    p.add_argument("--top-k", type=cli.positive_int, default=5)
+    p.add_argument(
+        "--top-k", type=cli.positive_int, default=5, help="classes in topk_labels and topk_scores"
+    )
     p.add_argument(
         "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
     )
@@ -42,7 +44,12 @@ def build_parser():
         default=1.0,
         help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where predictors run; auto: on GPUs when the cluster has them at the start",
+    )
     p.add_argument(
         "--decode",
         choices=["auto", "cpu", "gpu"],
@@ -51,9 +58,17 @@ def build_parser():
         "nvJPEG; other formats always decode on CPUs)",
     )
     p.add_argument(
-        "--skip-existing", action="store_true", help="label only inputs not yet under --output"
+        "--skip-existing",
+        action="store_true",
+        help="let another job (model, input or --top-k) add to --output; every run labels "
+        "only inputs not yet labelled there",
     )
-    p.add_argument("--max-pixels", type=cli.positive_int, default=100_000_000)
+    p.add_argument(
+        "--max-pixels",
+        type=cli.positive_int,
+        default=100_000_000,
+        help="larger images become error rows, refused from the header (decompression bombs)",
+    )
     p.add_argument(
         "--progress-every",
         type=cli.positive_seconds,

@@ -17,6 +17,7 @@ from clf.config import (
     parse_override,
     to_dict,
 )
+from clf.errors import UsageError
 
 # flag -> config key; the flags scripts rely on (DESIGN.md) plus a few common ones.
 FLAG_KEYS = {
@@ -58,20 +59,22 @@ def build_parser():
     )
     p.add_argument("--output", type=cli.location, help="run folder or s3:// prefix (RUN)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="passes over the train split")
     p.add_argument("--batch-size", type=int, help="per worker")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate, for the global batch")
     p.add_argument(
         "--pretrained", type=cli.location, help="state dict path or URI for the backbone"
     )
     p.add_argument("--strategy", help="frozen|finetune|two-phase")
     p.add_argument("--head-epochs", type=int, help="two-phase: epochs of head-only training")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--device", help="auto|cpu|cuda")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--input-size", type=int, help="side of the square crop (default: the model's own)"
+    )
+    p.add_argument("--device", help="auto|cpu|cuda; auto: GPUs when the cluster has them")
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--optimizer", help="adamw|sgd")
     p.add_argument("--schedule", help="cosine|step|onecycle|constant")
-    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--label-smoothing", type=float, help="share of the target spread over classes")
     p.add_argument(
         "--discriminative-lr",
         type=float,
@@ -83,10 +86,15 @@ def build_parser():
     p.add_argument("--sampler", help="shuffle|balanced (every class equally often)")
     p.add_argument("--norm", help="model|imagenet|dataset normalisation statistics")
     p.add_argument("--augment", help="none|trivial|randaugment")
-    p.add_argument("--mixup", type=float, metavar="ALPHA")
-    p.add_argument("--cutmix", type=float, metavar="ALPHA")
+    p.add_argument("--mixup", type=float, metavar="ALPHA", help="MixUp's Beta(α, α); 0: off")
+    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix's Beta(α, α); 0: off")
     p.add_argument("--ema", type=float, metavar="DECAY", help="evaluate and export a weight EMA")
-    p.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        metavar="PATIENCE",
+        help="stop after this many epochs without a better val accuracy (default: off)",
+    )
     p.add_argument("--max-failures", type=int, help="worker failures to recover from")
     p.add_argument(
         "--preview-augmentations",
@@ -97,6 +105,16 @@ def build_parser():
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any key"
     )
+    # The flags default to None (not given), so that --config and --set are not overridden;
+    # their help shows the config's own defaults.
+    config = to_dict(TrainConfig())
+    for action in p._actions:
+        if action.dest in FLAG_KEYS and "default" not in (action.help or ""):
+            value = config
+            for part in FLAG_KEYS[action.dest].split("."):
+                value = value[part]
+            if value not in (None, ""):
+                action.help = f"{action.help} (default: {value})"
     return p
 
 
@@ -141,6 +159,8 @@ def main() -> None:
     cfg = resolve(args)
     check_train(cfg)
     if cfg.model.name == BASELINE_MODEL:  # the classical baseline: scikit-learn, no Ray
+        if args.preview_augmentations:
+            raise UsageError(f"--preview-augmentations: {BASELINE_MODEL} does not augment images")
         return train_baseline(cfg, args.json)
     if args.preview_augmentations:
         from clf import storage

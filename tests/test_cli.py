@@ -1,5 +1,7 @@
 """Every job answers --help, and every bad flag is one line on stderr with exit code 2, before Ray."""
 
+import argparse
+import importlib
 import json
 import os
 import platform
@@ -8,6 +10,8 @@ import sys
 
 import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
+
+from clf import cli
 
 JOBS = ["ingest", "train", "export", "label", "evaluate", "predict"]
 
@@ -51,6 +55,12 @@ def test_a_mistyped_path_fails_before_torch_or_ray_is_imported(args):
         [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert json.loads(done.stdout) == [2, []], done.stderr
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_every_flag_says_what_it_does(name):
+    parser = importlib.import_module(f"jobs.{name}").build_parser()
+    assert [a.option_strings or a.dest for a in parser._actions if not a.help] == []
 
 
 @pytest.mark.parametrize("name", JOBS)
@@ -206,6 +216,30 @@ def test_an_empty_path_is_refused_rather_than_taken_as_the_current_folder(args):
     assert done.returncode == 2, done.stderr
     assert "empty; give a path or an s3:// URI" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_ray_address_local_starts_the_jobs_own_embedded_ray():
+    """The same Ray as with no cluster running: sized as the job asks, dashboard on loopback."""
+    code = (
+        "import ray; from clf import runtime; runtime.init_ray(num_cpus=1); "
+        "print(ray.cluster_resources()['CPU']); ray.shutdown()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "1.0"
+
+
+def test_min_int8_agreement_may_be_any_share_up_to_all():
+    assert [cli.unit_interval(v) for v in ("0", "0.99", "1")] == [0.0, 0.99, 1.0]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\], got 1.5"):
+        cli.unit_interval("1.5")
 
 
 def test_an_unknown_model_name_is_one_line_and_exit_2(tmp_path):
