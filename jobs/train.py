@@ -157,10 +157,10 @@ def train_baseline(cfg: TrainConfig, as_json: bool) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     cfg = resolve(args)
+    if args.preview_augmentations and cfg.model.name == BASELINE_MODEL:
+        raise UsageError(f"--preview-augmentations: {BASELINE_MODEL} does not augment images")
     check_train(cfg)
     if cfg.model.name == BASELINE_MODEL:  # the classical baseline: scikit-learn, no Ray
-        if args.preview_augmentations:
-            raise UsageError(f"--preview-augmentations: {BASELINE_MODEL} does not augment images")
         return train_baseline(cfg, args.json)
     if args.preview_augmentations:
         from clf import storage

@@ -188,6 +188,11 @@ def test_every_job_has_help(name):
             "--gpus-per-actor 1.5: use a share of one GPU (0.5) or a whole number",
         ),
         (["jobs.train", "--config", "/no/such.yaml"], "--config /no/such.yaml: not found"),
+        (
+            ["jobs.train", "--data", "/d", "--model", "hog_svm", "--output", "/tmp/r"]
+            + ["--preview-augmentations"],
+            "--preview-augmentations: hog_svm does not augment images",
+        ),
         (["jobs.train", "--config", "/tmp"], "--config /tmp: cannot read"),
         (["jobs.ingest", "--src", "gs://b/x", "--dst", "/tmp/d"], "--src: gs:// is not supported"),
     ],
