@@ -14,20 +14,19 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import runtime, storage
-from clf.checks import check_label
+from clf.checks import LABEL_JOB_FILE, check_label, label_job
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.errors import ClfError, UsageError
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.preprocess import Preprocess
-
-JOB_FILE = "_job.json"
 
 
 @dataclass
@@ -144,20 +143,9 @@ class CommitProgress:
                 self.seen.add(uri)
 
 
-def _check_job(cfg: LabelConfig, model_id: str) -> None:
-    """The same command resumes: it labels only the inputs no committed file covers. Another
-    job (other input, model or top-k) may add to an output only with ``--skip-existing``, and
-    then too labels only what is not covered yet; rows already there are never redone."""
-    job = {"input": storage.normalize(cfg.input), "model": model_id, "top_k": cfg.top_k}
-    uri = storage.join(cfg.output, JOB_FILE)
-    if storage.exists(uri):
-        previous = storage.read_json(uri)
-        if previous != job and not cfg.skip_existing:
-            raise UsageError(
-                f"--output {cfg.output} holds labels of another job ({previous}); "
-                "pass --skip-existing to add to it, or use a new --output"
-            )
-    storage.write_json(uri, job)
+def _record_job(cfg: LabelConfig, meta: dict[str, Any]) -> None:
+    """What ``checks.check_label`` compares the next run against."""
+    storage.write_json(storage.join(cfg.output, LABEL_JOB_FILE), label_job(cfg, meta))
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,8 +288,7 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
 
     started = time.monotonic()
     meta = check_label(cfg)
-    model_id = meta["sha256"][:12]
-    _check_job(cfg, model_id)
+    _record_job(cfg, meta)
     _remove_temp_files(cfg.output)
     inputs = list_inputs(cfg.input)
     covered = covered_uris(cfg.output)

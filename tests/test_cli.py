@@ -223,6 +223,43 @@ def test_an_empty_path_is_refused_rather_than_taken_as_the_current_folder(args):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_resuming_a_run_with_another_model_is_refused_before_ray_starts(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir(), run.mkdir()
+    counts = {"train": {"a": 4, "b": 4}, "val": {"a": 2, "b": 2}}
+    (data / "manifest.json").write_text(json.dumps({"counts": counts}))
+    (data / "classes.json").write_text(json.dumps(["a", "b"]))
+    earlier = {"model": {"name": "resnet18"}, "data": {"path": str(data)}}
+    (run / "config.json").write_text(json.dumps(earlier))
+
+    args = ["--data", str(data), "--output", str(run)]
+    done = run_in_process("jobs.train", *args, "--model", "small_cnn")
+    assert done.returncode == 2, done.stderr
+    assert f"--output {run} holds a run with model.name='resnet18'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_labelling_into_another_jobs_output_is_refused_before_ray_starts(tmp_path):
+    from clf import artifact
+    from clf.models import create_model
+    from clf.preprocess import Preprocess
+
+    model, out = str(tmp_path / "model"), tmp_path / "labels"
+    spec = Preprocess(input_size=32, resize=36)
+    artifact.export(
+        create_model("small_cnn", 2), model, arch="small_cnn", classes=["a", "b"], preprocess=spec
+    )
+    out.mkdir()
+    earlier = {"input": "/elsewhere", "model": "0123456789ab", "top_k": 5}
+    (out / "_job.json").write_text(json.dumps(earlier))
+
+    args = ["--model", model, "--input", str(tmp_path), "--output", str(out)]
+    done = run_in_process("jobs.label", *args)
+    assert done.returncode == 2, done.stderr
+    assert "holds labels of another job" in done.stderr and "--skip-existing" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_ray_address_local_starts_the_jobs_own_embedded_ray():
     """The same Ray as with no cluster running: sized as the job asks, dashboard on loopback."""
     code = (

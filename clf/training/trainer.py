@@ -73,7 +73,6 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
     classes, manifest = check_train(cfg)
     run = storage.normalize(cfg.output)
     spec = resolve_preprocess(cfg)
-    _guard_config(run, cfg)
     storage.write_json(
         storage.join(run, "config.json"),
         {**to_dict(cfg), "classes": classes, "preprocess": spec.to_meta()},
@@ -146,26 +145,6 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
         seconds=time.monotonic() - started,
         history=history,
     )
-
-
-def _guard_config(run: str, cfg: TrainConfig) -> None:
-    """Resuming with another model or data would mix two runs: refuse it."""
-    uri = storage.join(run, "config.json")
-    if not storage.exists(uri):
-        return
-    previous = storage.read_json(uri)
-    checks = {
-        "model.name": (previous["model"]["name"], cfg.model.name),
-        "data.path": (
-            storage.normalize(previous["data"]["path"]),
-            storage.normalize(cfg.data.path),
-        ),
-    }
-    for key, (before, now) in checks.items():
-        if before != now:
-            raise UsageError(
-                f"--output {run} holds a run with {key}={before!r}; use a new --output"
-            )
 
 
 def export_run(
