@@ -148,26 +148,38 @@ def _cluster_address() -> str | None:
     return address or find_bootstrap_address(None)
 
 
-def cluster_gpus() -> float:
+def gpu_nodes() -> list[tuple[float, int]]:
+    """(GPUs per node, nodes) of the GPU nodes that are up; where none is, those that the
+    cluster's autoscaler may start (a GPU group scaled to zero), at most one of an unbounded
+    group. Without this, a job on a cluster that starts GPU nodes on demand would run on CPU."""
     import ray
+    from ray._private.state import state
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    up = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")]
+    if any(up):
+        return [(gpus, 1) for gpus in up if gpus]
+    # The node groups the autoscaler publishes; Ray Train V2 sizes its worker groups by them.
+    config = state.get_cluster_config()
+    groups = config.node_group_configs if config is not None else []
+    return [
+        (g.resources["GPU"], 1 if g.max_count < 0 else g.max_count)
+        for g in groups
+        if g.resources.get("GPU", 0) > 0 and g.max_count != 0
+    ]
+
+
+def cluster_gpus() -> float:
+    return float(sum(gpus * count for gpus, count in gpu_nodes()))
 
 
 def gpu_actor_slots(gpus_per_actor: float) -> int:
-    """How many actors of ``gpus_per_actor`` GPUs each fit the live nodes: a share of a GPU
+    """How many actors of ``gpus_per_actor`` GPUs each fit the GPU nodes: a share of a GPU
     never spans two nodes, so each node counts on its own (0.5 on two 1-GPU nodes: 4)."""
-    import ray
-
-    return sum(
-        int(node["Resources"].get("GPU", 0) / gpus_per_actor + 1e-6)
-        for node in ray.nodes()
-        if node.get("Alive")
-    )
+    return sum(int(gpus / gpus_per_actor + 1e-6) * count for gpus, count in gpu_nodes())
 
 
 def use_gpu(device: str) -> bool:
-    """``auto``: GPUs when the cluster has them; ``cuda`` insists; ``cpu`` never."""
+    """``auto``: GPUs when the cluster has or can start them; ``cuda`` insists; ``cpu`` never."""
     if device == "cpu":
         return False
     gpus = cluster_gpus()

@@ -45,7 +45,7 @@ def build_parser():
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
-        help="where scorers run; auto: on GPUs when the cluster has them at the start",
+        help="where scorers run; auto: on GPUs if the cluster has or can start GPU nodes",
     )
     p.add_argument(
         "--diagnostics",

@@ -48,7 +48,7 @@ def build_parser():
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
-        help="where predictors run; auto: on GPUs when the cluster has them at the start",
+        help="where predictors run; auto: on GPUs if the cluster has or can start GPU nodes",
     )
     p.add_argument(
         "--decode",

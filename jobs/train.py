@@ -70,7 +70,9 @@ def build_parser():
     p.add_argument(
         "--input-size", type=int, help="side of the square crop (default: the model's own)"
     )
-    p.add_argument("--device", help="auto|cpu|cuda; auto: GPUs when the cluster has them")
+    p.add_argument(
+        "--device", help="auto|cpu|cuda; auto: GPUs if the cluster has or can start GPU nodes"
+    )
     p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--optimizer", help="adamw|sgd")
     p.add_argument("--schedule", help="cosine|step|onecycle|constant")
