@@ -20,7 +20,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # Named as the errors that cli.run prints: "jobs.NAME: error: ...".
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

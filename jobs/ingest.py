@@ -60,7 +60,8 @@ def main() -> None:
     args = build_parser().parse_args()
     cfg = cli.config_from_args(IngestConfig, args).validate()
     if not storage.is_dir(cfg.src):
-        raise UsageError(f"--src {cfg.src}: no such folder or prefix")
+        what = "a file, not a folder" if storage.exists(cfg.src) else "no such folder or prefix"
+        raise UsageError(f"--src {cfg.src}: {what}")
     summary = ingest(cfg, run_shards=run_shards, progress=cli.progress(args.json))
     counts = ", ".join(f"{split} {sum(c.values())}" for split, c in summary.counts.items())
     lines = [

@@ -6,7 +6,7 @@ from typing import Any
 
 from clf import cli, storage
 from clf.artifact import FORMATS, check_format_in, read_meta
-from clf.errors import UsageError
+from clf.errors import ClfError, UsageError
 
 
 def build_parser():
@@ -38,12 +38,16 @@ def main() -> None:
     args = build_parser().parse_args()
     check_format_in(read_meta(args.model), args.model, args.format)
     for image in args.images:
-        if not storage.exists(image):
-            raise UsageError(f"{image}: no such file")
+        if not storage.is_file(image):
+            what = "a folder, not an image file" if storage.exists(image) else "no such file"
+            raise UsageError(f"{image}: {what}")
     from clf.predict import predict
 
     output = predict(args.model, args.images, args.top_k, args.format)
     cli.emit(output, summary_lines(output), args.json)
+    failed = sum(result["error"] is not None for result in output["results"])
+    if failed:  # printed above; the exit status tells a script
+        raise ClfError(f"{failed} of {len(args.images)} images could not be classified")
 
 
 if __name__ == "__main__":

@@ -329,3 +329,23 @@ def test_predict_prints_top_k_per_image_and_json(all_formats):
     output = json.loads(line)
     assert output["format"] == "int8" and len(output["results"]) == 2
     assert all(len(r["top"]) == 1 and r["error"] is None for r in output["results"])
+
+
+def test_predict_reports_an_unreadable_image_and_exits_1(all_formats, tmp_path):
+    _, _, folder = all_formats
+    bee = str(sorted((HYMENOPTERA / "val" / "bees").iterdir())[0])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo")
+    done = run_in_process("jobs.predict", "--model", str(folder), "--json", bee, str(broken))
+    assert done.returncode == 1
+    results = json.loads(done.stdout)["results"]
+    assert results[0]["error"] is None and len(results[0]["top"]) == 2
+    assert results[1]["image"] == str(broken) and results[1]["error"]
+    assert done.stderr.strip() == "jobs.predict: error: 1 of 2 images could not be classified"
+
+
+def test_predict_refuses_a_folder_before_loading_the_model(exported):
+    _, _, folder = exported
+    done = run_in_process("jobs.predict", "--model", str(folder), str(HYMENOPTERA))
+    assert done.returncode == 2
+    assert f"{HYMENOPTERA}: a folder, not an image file" in done.stderr

@@ -189,6 +189,10 @@ def test_every_job_has_help(name):
         ),
         (["jobs.train", "--config", "/no/such.yaml"], "--config /no/such.yaml: not found"),
         (
+            ["jobs.ingest", "--src", str(ROOT / "README.md"), "--dst", "/tmp/d"],
+            "README.md: a file, not a folder",
+        ),
+        (
             ["jobs.train", "--data", "/d", "--model", "hog_svm", "--output", "/tmp/r"]
             + ["--preview-augmentations"],
             "--preview-augmentations: hog_svm does not augment images",
