@@ -33,7 +33,8 @@ Flags are those of \`python -m jobs.$1 --help\`; they are checked on the cluster
 Environment: RAY_API_SERVER_ADDRESS (default \$RAY_ADDRESS or http://127.0.0.1:8265),
 RAY_AUTH_MODE/RAY_AUTH_TOKEN (token auth; ~/.ray/auth_token is used when present),
 CLF_RUN_NAME, CLF_DRY_RUN=1, CLF_NO_WAIT=1, CLF_POLL_SECONDS, PYTHON.
-Exit codes: 0 succeeded, 1 failed or stopped, 2 usage, 3 a job on the same --output is running.
+Exit codes: 0 succeeded, 1 failed or stopped, 2 usage, 3 a job on the same --output is running,
+130 interrupted (the job keeps running on the cluster).
 EOF
 }
 
@@ -114,15 +115,25 @@ PY
 clf_submit() {  # $1: job name (train|label); the rest: the job's flags
     local job="$1"
     shift
-    case "${1-}" in
-        -h | --help) clf_usage "$job"; exit 0 ;;
-    esac
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            -h | --help) clf_usage "$job"; exit 0 ;;
+        esac
+    done
     local output
     output="$(clf_output_of "$@")"
     if [[ -z "$output" ]]; then
         echo "cluster/submit-$job.sh: error: --output is required (see --help)" >&2
         exit 2
     fi
+    # The job runs in an uploaded copy of the repository, on another machine.
+    if [[ "$output" != *://* && "$output" != /* ]]; then
+        echo "cluster/submit-$job.sh: error: --output $output: give an absolute path or an" \
+            "s3:// URI; the job runs in an uploaded copy of the repository" >&2
+        exit 2
+    fi
+    output="${output%/}"  # s3://b/x/ and s3://b/x are one output to the same-output guard
     local run id metadata
     run="$(clf_run_name "$output")"
     id="$job-$run-$(date -u +%Y%m%d-%H%M%S)-$(printf '%04x' "$((RANDOM))")"

@@ -486,6 +486,28 @@ def test_submit_without_output_is_a_one_line_usage_error(fake_cluster):
     ]
 
 
+def test_submit_refuses_a_relative_output_which_would_land_in_the_uploaded_copy(fake_cluster):
+    _, env = fake_cluster
+    done = submit("submit-label.sh", ["--model", "m", "--input", "i", "--output", "out"], env)
+    assert done.returncode == 2
+    assert "--output out: give an absolute path or an s3:// URI" in done.stderr
+
+
+def test_submit_help_is_found_after_other_flags_and_names_every_exit_code(fake_cluster):
+    _, env = fake_cluster
+    done = submit("submit-train.sh", ["--data", "d", "--help"], env)
+    assert done.returncode == 0 and done.stdout.startswith("usage: cluster/submit-train.sh")
+    assert "130 interrupted" in done.stdout
+
+
+def test_submit_names_an_output_the_same_with_or_without_a_trailing_slash(fake_cluster):
+    _, env = fake_cluster
+    args = ["--model", "m", "--input", "i", "--output", "s3://b/labels/archive/"]
+    command = shlex.split(submit("submit-label.sh", args, env, CLF_DRY_RUN="1").stdout)
+    metadata = json.loads(command[command.index("--metadata-json") + 1])
+    assert metadata["clf_output"] == "s3://b/labels/archive"
+
+
 @pytest.mark.parametrize(
     ("statuses", "ray_rc", "exit_code"),
     [
