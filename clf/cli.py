@@ -43,6 +43,29 @@ def parser(prog: str, description: str) -> ArgumentParser:
     return p
 
 
+def add_actor_pool_flags(p: argparse.ArgumentParser, role: str) -> None:
+    """The flags that size the model's actor pool, shared by jobs.label and jobs.evaluate."""
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference call")
+    p.add_argument(
+        "--actors",
+        type=positive_int,
+        help=f"{role} actors (default: one per GPU, or per --gpus-per-actor share of one; "
+        "with no GPUs, one per 4 CPUs)",
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=1.0,
+        help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help=f"where {role}s run; auto: on GPUs if the cluster has or can start GPU nodes",
+    )
+
+
 def location(text: str) -> str:
     """A path or URI flag. An empty one would silently mean the current folder."""
     if not text.strip():

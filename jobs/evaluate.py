@@ -26,27 +26,7 @@ def build_parser():
         "--output", type=cli.location, required=True, help="folder or s3:// prefix for the report"
     )
     p.add_argument("--top-k", type=cli.positive_int, default=5, help="k of the top-k accuracy")
-    p.add_argument(
-        "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
-    )
-    p.add_argument(
-        "--actors",
-        type=cli.positive_int,
-        help="scorer actors (default: one per GPU, or per --gpus-per-actor share of one; "
-        "with no GPUs, one per 4 CPUs)",
-    )
-    p.add_argument(
-        "--gpus-per-actor",
-        type=float,
-        default=1.0,
-        help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where scorers run; auto: on GPUs if the cluster has or can start GPU nodes",
-    )
+    cli.add_actor_pool_flags(p, "scorer")
     p.add_argument(
         "--diagnostics",
         action="store_true",

@@ -29,27 +29,7 @@ def build_parser():
     p.add_argument(
         "--top-k", type=cli.positive_int, default=5, help="classes in topk_labels and topk_scores"
     )
-    p.add_argument(
-        "--batch-size", type=cli.positive_int, default=64, help="images per inference call"
-    )
-    p.add_argument(
-        "--actors",
-        type=cli.positive_int,
-        help="predictor actors (default: one per GPU, or per --gpus-per-actor share of one; "
-        "with no GPUs, one per 4 CPUs)",
-    )
-    p.add_argument(
-        "--gpus-per-actor",
-        type=float,
-        default=1.0,
-        help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
-    )
-    p.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where predictors run; auto: on GPUs if the cluster has or can start GPU nodes",
-    )
+    cli.add_actor_pool_flags(p, "predictor")
     p.add_argument(
         "--decode",
         choices=["auto", "cpu", "gpu"],
