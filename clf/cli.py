@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from clf import runtime
+from clf import runtime, storage
 from clf.errors import ClfError, UsageError
 
 
@@ -71,28 +71,29 @@ def location(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; give a path or an s3:// URI")
     scheme = text.split("://", 1)[0] if "://" in text else None
-    if scheme not in (None, "file", "s3", "s3a"):
+    if scheme not in (None, "file", *storage.REMOTE_SCHEMES):
         raise argparse.ArgumentTypeError(
             f"{scheme}:// is not supported; give a path or an s3:// URI"
         )
     return text
 
 
-def fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def fraction(text: str) -> float:
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 
 def unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value

@@ -356,7 +356,8 @@ def _deepcopy(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in values.items()}
 
 
-def _get(config: Any, dotted: str) -> Any:
+def get_key(config: Any, dotted: str) -> Any:
+    """A config value by its dotted key, e.g. ``optim.lr``."""
     for part in dotted.split("."):
         config = getattr(config, part)
     return config
@@ -373,17 +374,17 @@ def _gpu_share(share: float) -> None:
 # Written as "not (in range)" so that NaN, which fails every comparison, is refused too.
 def _positive(config: Any, *keys: str) -> None:
     for key in keys:
-        if not 0 < _get(config, key) < math.inf:
-            raise UsageError(f"config key {key}: must be positive, got {_get(config, key)}")
+        if not 0 < get_key(config, key) < math.inf:
+            raise UsageError(f"config key {key}: must be positive, got {get_key(config, key)}")
 
 
 def _at_least(config: Any, low: float, *keys: str) -> None:
     for key in keys:
-        if not low <= _get(config, key) < math.inf:
-            raise UsageError(f"config key {key}: must be >= {low}, got {_get(config, key)}")
+        if not low <= get_key(config, key) < math.inf:
+            raise UsageError(f"config key {key}: must be >= {low}, got {get_key(config, key)}")
 
 
 def _fraction(config: Any, *keys: str) -> None:
     for key in keys:
-        if not 0 <= _get(config, key) <= 1:
-            raise UsageError(f"config key {key}: must be in [0, 1], got {_get(config, key)}")
+        if not 0 <= get_key(config, key) <= 1:
+            raise UsageError(f"config key {key}: must be in [0, 1], got {get_key(config, key)}")

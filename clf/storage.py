@@ -34,6 +34,9 @@ S3_CONNECT_TIMEOUT_S = 10
 S3_REQUEST_TIMEOUT_S = 60
 
 
+REMOTE_SCHEMES = ("s3", "s3a")
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -44,7 +47,7 @@ def normalize(uri: str) -> str:
         uri = uri[len("file://") :]
     if is_remote(uri):
         scheme, rest = uri.split("://", 1)
-        if scheme not in ("s3", "s3a"):
+        if scheme not in REMOTE_SCHEMES:
             raise StorageError(f"unsupported URI scheme {scheme}:// in {uri} (use a path or s3://)")
         return "s3://" + rest.rstrip("/")
     return os.path.abspath(os.path.expanduser(uri))

@@ -12,6 +12,7 @@ from clf.config import (
     BASELINE_MODEL,
     TrainConfig,
     from_dict,
+    get_key,
     load_yaml,
     merge,
     parse_override,
@@ -109,12 +110,10 @@ def build_parser():
     )
     # The flags default to None (not given), so that --config and --set are not overridden;
     # their help shows the config's own defaults.
-    config = to_dict(TrainConfig())
+    defaults = TrainConfig()
     for action in p._actions:
         if action.dest in FLAG_KEYS and "default" not in (action.help or ""):
-            value = config
-            for part in FLAG_KEYS[action.dest].split("."):
-                value = value[part]
+            value = get_key(defaults, FLAG_KEYS[action.dest])
             if value not in (None, ""):
                 action.help = f"{action.help} (default: {value})"
     return p
