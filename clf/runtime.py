@@ -218,3 +218,11 @@ def torch_device(prefer_gpu: bool = True):
     import torch
 
     return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Run this process's model on ``threads`` CPU threads (torch, and onnxruntime sessions
+    made after this), never more than the node has."""
+    import torch
+
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))

@@ -14,7 +14,8 @@ from clf import artifact, runtime
 class Scorer:
     """Actor: loads the artifact once, then turns pixel batches into class probabilities."""
 
-    def __init__(self, model_uri: str, prefer_gpu: bool):
+    def __init__(self, model_uri: str, prefer_gpu: bool, threads: int = 1):
+        runtime.use_cpu_threads(threads)
         self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
         self.num_classes = len(self.artifact.classes)
 

@@ -14,7 +14,7 @@ from clf import artifact
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.label_sink import LABEL_SCHEMA, part_name
-from clf.labeling import CommitProgress, Predictor, list_inputs
+from clf.labeling import CommitProgress, Predictor, list_inputs, model_threads
 from clf.models import create_model
 from clf.preprocess import Preprocess
 
@@ -67,6 +67,44 @@ def test_predictor_rows_have_the_label_schema_and_null_on_error(small_artifact):
         bad[k] is None for k in ("label", "label_id", "confidence", "topk_labels", "topk_scores")
     )
     assert good["model"] == bad["model"] == artifact.read_meta(small_artifact)["sha256"][:12]
+
+
+@pytest.fixture
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_predictor_runs_its_model_on_the_cpu_threads_it_is_given(
+    tmp_path, restore_torch_threads
+):
+    artifact.export(
+        create_model("small_cnn", 4).eval(),
+        str(tmp_path),
+        arch="small_cnn",
+        classes=["w", "x", "y", "z"],
+        preprocess=SPEC,
+        formats=("onnx",),
+    )
+    predictor = Predictor(str(tmp_path), top_k=3, prefer_gpu=False, threads=2)
+    options = predictor.artifact.module.session.get_session_options()
+    assert torch.get_num_threads() == 2 and options.intra_op_num_threads == 2
+    # Idle onnxruntime threads sleep: they share the cores with the decode tasks.
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize(
+    "cpus, actors, gpu, threads",
+    [(2, 1, False, 2), (16, 4, False, 4), (2, 3, False, 1), (16, 1, True, 1)],
+)
+def test_each_cpu_actor_gets_its_share_of_the_cores_and_a_gpu_actor_one(
+    monkeypatch, cpus, actors, gpu, threads
+):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
+    assert model_threads(actors, gpu) == threads
 
 
 def test_part_names_depend_only_on_the_inputs_covered():
