@@ -180,10 +180,19 @@ class LabelConfig:
     decode_batch_size: int = 32  # images per CPU decode task
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
+    rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
 
     def validate(self) -> LabelConfig:
         _gpu_share(self.gpus_per_actor)
-        _positive(self, "top_k", "batch_size", "max_pixels", "decode_batch_size", "progress_every")
+        _positive(
+            self,
+            "top_k",
+            "batch_size",
+            "max_pixels",
+            "decode_batch_size",
+            "progress_every",
+            "rows_per_file",
+        )
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
         return self

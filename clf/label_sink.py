@@ -43,21 +43,27 @@ def part_name(uris: Iterable[str]) -> str:
 
 class AtomicParquetSink(Datasink):
     """Ray's write_parquet writes in place, so a kill leaves a truncated file; we commit each
-    block whole (temp file + rename locally, a single PUT on S3)."""
+    write call's rows whole (temp file + rename locally, a single PUT on S3)."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, rows_per_file: int = 512):
         self.output = output
+        self.rows_per_file = rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        # Ray Data bundles blocks up to this before each write task: fewer, larger files for
+        # readers, and fewer write tasks. A file per 80-row block cost ~0.2 s of scheduling per
+        # block at the end of a 2,000-image CPU job (RESULTS.md).
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> list[tuple[str, int]]:
-        written = []
-        for block in blocks:
-            table = pa.table(block) if not isinstance(block, pa.Table) else block
-            if table.num_rows == 0:
-                continue
-            table = table.cast(LABEL_SCHEMA)
-            sink = io.BytesIO()
-            pq.write_table(table, sink)
-            name = part_name(table.column("uri").to_pylist())
-            storage.write_bytes(storage.join(self.output, name), sink.getvalue())
-            written.append((name, table.num_rows))
-        return written
+        tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables).cast(LABEL_SCHEMA)
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        name = part_name(table.column("uri").to_pylist())
+        storage.write_bytes(storage.join(self.output, name), sink.getvalue())
+        return [(name, table.num_rows)]

@@ -50,6 +50,13 @@ def build_parser():
         help="larger images become error rows, refused from the header (decompression bombs)",
     )
     p.add_argument(
+        "--rows-per-file",
+        type=cli.positive_int,
+        default=LabelConfig.rows_per_file,
+        help="label rows per committed Parquet file; a kill loses at most the rows not yet "
+        "committed, which a re-run labels",
+    )
+    p.add_argument(
         "--progress-every",
         type=cli.positive_seconds,
         default=30.0,

@@ -176,6 +176,11 @@ def test_every_job_has_help(name):
             + ["--progress-every", "0"],
             "--progress-every: must be a positive number of seconds, got 0",
         ),
+        (
+            ["jobs.label", "--model", "/tmp", "--input", "/tmp", "--output", "/tmp/l"]
+            + ["--rows-per-file", "0"],
+            "must be at least 1",
+        ),
         (["jobs.predict", "--model", "/no/such/art", "x.jpg"], "not a model artifact"),
         (
             ["jobs.evaluate", "--model", "/a", "--data", "/d", "--output", "/tmp/e"]

@@ -35,9 +35,19 @@ ARCHIVE_SIZE = 300
 
 
 def label_command(model: str, src: str, out: str, *extra: str) -> list[str]:
-    # Batches of 8 images: the output arrives as dozens of part files, so a kill lands mid-way.
+    # Files of 8 rows: the output arrives as dozens of part files, so a kill lands mid-way.
     job = ["jobs.label", "--model", model, "--input", src, "--output", out]
-    return [sys.executable, "-m", *job, "--batch-size", "8", "--json", *extra]
+    return [
+        sys.executable,
+        "-m",
+        *job,
+        "--batch-size",
+        "8",
+        "--rows-per-file",
+        "8",
+        "--json",
+        *extra,
+    ]
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:

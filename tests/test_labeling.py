@@ -13,7 +13,7 @@ from PIL import Image
 from clf import artifact
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
-from clf.label_sink import LABEL_SCHEMA, part_name
+from clf.label_sink import LABEL_SCHEMA, AtomicParquetSink, part_name
 from clf.labeling import CommitProgress, Predictor, list_inputs, model_threads
 from clf.models import create_model
 from clf.preprocess import Preprocess
@@ -105,6 +105,19 @@ def test_each_cpu_actor_gets_its_share_of_the_cores_and_a_gpu_actor_one(
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
     assert model_threads(actors, gpu) == threads
+
+
+def test_the_sink_commits_each_write_calls_blocks_as_one_file_named_by_its_inputs(tmp_path):
+    def block(uris):
+        rows = {f.name: [None] * len(uris) for f in LABEL_SCHEMA}
+        return pa.table(rows | {"uri": uris, "error": ["x"] * len(uris)}, schema=LABEL_SCHEMA)
+
+    sink = AtomicParquetSink(str(tmp_path), rows_per_file=5)
+    assert sink.min_rows_per_write == 5  # Ray Data bundles blocks up to this per write call
+    written = sink.write([block(["a", "b"]), block([]), block(["c", "d", "e"])], None)
+    assert written == [(part_name(["e", "d", "c", "b", "a"]), 5)]
+    assert pq.read_table(tmp_path / written[0][0]).column("uri").to_pylist() == list("abcde")
+    assert sink.write([block([])], None) == [] and len(list(tmp_path.iterdir())) == 1
 
 
 def test_part_names_depend_only_on_the_inputs_covered():
