@@ -218,8 +218,8 @@ class OnnxModule(nn.Module):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        # Follow torch's thread count, which Ray sets from the actor's CPUs; onnxruntime would
-        # otherwise start one thread per core in every actor.
+        # Follow torch's thread count (Ray's default for the process, or a predictor's share of
+        # the node's cores); onnxruntime would otherwise start one thread per core in every actor.
         options.intra_op_num_threads = torch.get_num_threads()
         # A predictor's threads share cores with decode tasks: a spinning idle thread holds a
         # core they need (MobileNetV2 labelling on 2 cores: 93 img/s spinning, 105 without).
