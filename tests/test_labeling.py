@@ -34,17 +34,22 @@ def test_decode_batch_turns_every_file_into_pixels_or_a_reason(bad_files_dir):
     assert all(out["pixels"][i].std() > 0 for i in good)
 
 
-@pytest.fixture
-def small_artifact(tmp_path):
+def export_small_cnn(folder, formats=("torchscript",)) -> str:
     torch.manual_seed(0)
     artifact.export(
         create_model("small_cnn", 4).eval(),
-        str(tmp_path),
+        str(folder),
         arch="small_cnn",
         classes=["w", "x", "y", "z"],
         preprocess=SPEC,
+        formats=formats,
     )
-    return str(tmp_path)
+    return str(folder)
+
+
+@pytest.fixture
+def small_artifact(tmp_path):
+    return export_small_cnn(tmp_path)
 
 
 def test_predictor_rows_have_the_label_schema_and_null_on_error(small_artifact):
@@ -79,15 +84,8 @@ def restore_torch_threads():
 def test_the_predictor_runs_its_model_on_the_cpu_threads_it_is_given(
     tmp_path, restore_torch_threads
 ):
-    artifact.export(
-        create_model("small_cnn", 4).eval(),
-        str(tmp_path),
-        arch="small_cnn",
-        classes=["w", "x", "y", "z"],
-        preprocess=SPEC,
-        formats=("onnx",),
-    )
-    predictor = Predictor(str(tmp_path), top_k=3, prefer_gpu=False, threads=2)
+    onnx_artifact = export_small_cnn(tmp_path, formats=("onnx",))
+    predictor = Predictor(onnx_artifact, top_k=3, prefer_gpu=False, threads=2)
     options = predictor.artifact.module.session.get_session_options()
     assert torch.get_num_threads() == 2 and options.intra_op_num_threads == 2
     # Idle onnxruntime threads sleep: they share the cores with the decode tasks.
