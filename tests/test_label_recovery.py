@@ -35,19 +35,11 @@ ARCHIVE_SIZE = 300
 
 
 def label_command(model: str, src: str, out: str, *extra: str) -> list[str]:
-    # Files of 8 rows: the output arrives as dozens of part files, so a kill lands mid-way.
+    # Files of at least 8 rows (512 by default): the output arrives as a part file per decode
+    # task's 32 rows, about 10 of them, so a kill lands mid-way.
     job = ["jobs.label", "--model", model, "--input", src, "--output", out]
-    return [
-        sys.executable,
-        "-m",
-        *job,
-        "--batch-size",
-        "8",
-        "--rows-per-file",
-        "8",
-        "--json",
-        *extra,
-    ]
+    small = ["--batch-size", "8", "--rows-per-file", "8"]
+    return [sys.executable, "-m", *job, *small, "--json", *extra]
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
