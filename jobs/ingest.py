@@ -26,7 +26,7 @@ def build_parser():
     p.add_argument(
         "--max-pixels",
         type=cli.positive_int,
-        default=100_000_000,
+        default=IngestConfig.max_pixels,
         help="larger images are rejected from the header, before decoding (decompression bombs)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an ingest of another source")

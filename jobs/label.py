@@ -46,7 +46,7 @@ def build_parser():
     p.add_argument(
         "--max-pixels",
         type=cli.positive_int,
-        default=100_000_000,
+        default=LabelConfig.max_pixels,
         help="larger images become error rows, refused from the header (decompression bombs)",
     )
     p.add_argument(
