@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from clf import artifact, exporting
+from clf.artifact_meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.labeling import Predictor
@@ -45,7 +46,7 @@ def main(weights: str, samples: str) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     art = tempfile.mkdtemp()
     exporting.from_pretrained("mobilenet_v2", weights, "imagenet", art)
-    spec = Preprocess.from_meta(artifact.read_meta(art)).to_meta()
+    spec = Preprocess.from_meta(read_meta(art)).to_meta()
     uris = sorted(glob.glob(os.path.join(samples, "*.JPEG")))
     chunks = [np.array(uris[i : i + 25], dtype=object) for i in range(0, len(uris), 25)]
     started = time.perf_counter()
@@ -54,7 +55,7 @@ def main(weights: str, samples: str) -> dict:
     out["decode_img_per_s_threads"] = len(uris) / (time.perf_counter() - started)
 
     gpu, cpu = Predictor(art, 5, prefer_gpu=True), Predictor(art, 5, prefer_gpu=False)
-    assert gpu.device.type == "cuda"
+    assert gpu.model.device.type == "cuda"
     # A subset carries the full class order in wnids.txt; the whole folder defines it itself.
     listing = os.path.join(samples, "wnids.txt")
     wnids = (
@@ -81,7 +82,9 @@ def main(weights: str, samples: str) -> dict:
         np.mean(np.array(device_ids) == np.array(gpu_ids))
     )
     jpegs = [open(uris[i % len(uris)], "rb").read() for i in range(256)]
-    seconds = timed(lambda: decode_on_device(jpegs, gpu.spec, gpu.device, 10**8), 5)
+    seconds = timed(
+        lambda: decode_on_device(jpegs, gpu.model.preprocess, gpu.model.device, 10**8), 5
+    )
     out["device_decode_img_per_s_batch256"] = 256 / seconds
 
     pixels = np.resize(np.concatenate([d["pixels"] for d in decoded]), (512, 3, 224, 224))

@@ -19,8 +19,8 @@ from torch import nn
 
 from clf import formats as fmts
 from clf import storage
-from clf.artifact_meta import check_format_in, file_sha256, read_meta
-from clf.errors import ModelLoadError, UsageError
+from clf.artifact_meta import file_sha256, read_model_file
+from clf.errors import UsageError
 from clf.preprocess import Preprocess
 
 FORMATS = fmts.FORMATS
@@ -57,6 +57,10 @@ class Artifact:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NCHW pixels on the host -> float32 class probabilities on the host."""
+        return self.probabilities(self.to_device(pixels)).cpu().numpy()
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW pixels on the model's device -> float32 class probabilities; a GPU runs
@@ -152,10 +156,6 @@ def check_formats(formats: tuple[str, ...]) -> None:
 
 def load(uri: str, device: torch.device | str = "cpu", format: str | None = None) -> Artifact:
     """Load the artifact's default format, or ``format``; the file must match its sha256."""
-    meta = read_meta(uri)
-    fmt = check_format_in(meta, uri, format)
-    blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
-    if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
-        raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
+    meta, fmt, blob = read_model_file(uri, format)
     module = fmts.load_module(fmt, blob, device)
     return Artifact(storage.normalize(uri), meta, module, fmt, torch.device(device))

@@ -3,10 +3,11 @@ that jobs can check ``--model`` before anything heavy is imported."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from clf import storage
-from clf.errors import UsageError
+from clf.errors import ModelLoadError, UsageError
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -27,3 +28,14 @@ def check_format_in(meta: dict[str, Any], uri: str, fmt: str | None) -> str:
 def file_sha256(meta: dict[str, Any], fmt: str) -> str:
     # Artifacts from before several formats existed carry one sha256, of their one file.
     return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
+
+
+def read_model_file(uri: str, fmt: str | None = None) -> tuple[dict[str, Any], str, bytes]:
+    """(meta, format, the format's file) of the artifact at ``uri``, the file checked against
+    its sha256 in meta.json."""
+    meta = read_meta(uri)
+    fmt = check_format_in(meta, uri, fmt)
+    blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
+    if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
+        raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
+    return meta, fmt, blob

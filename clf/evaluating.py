@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clf import artifact, baseline, diagnostics, evaluation, runtime, storage
+from clf.artifact_meta import read_meta
 from clf.config import EvaluateConfig
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
@@ -91,7 +92,7 @@ def check(cfg: EvaluateConfig) -> Target:
         train_classes = read_classes(_parent(cfg.train))
         meta = {"format": baseline.NAME, "arch": baseline.NAME, "classes": train_classes}
     else:
-        meta = artifact.read_meta(cfg.model)
+        meta = read_meta(cfg.model)
     label_map, matched_by = align_classes(data_classes, list(meta["classes"]))
     images = sum(_row_count(s) for s in shards)
     return Target(meta, list(meta["classes"]), label_map, matched_by, shards, images)

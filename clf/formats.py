@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clf.classifier import onnx_session
 from clf.errors import ModelLoadError
 
 FORMATS = ("torchscript", "onnx", "int8")
@@ -214,22 +215,9 @@ class OnnxModule(nn.Module):
 
     def __init__(self, blob: bytes, device: torch.device | str = "cpu"):
         super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Follow torch's thread count (Ray's default for the process, or a predictor's share of
-        # the node's cores); onnxruntime would otherwise start one thread per core in every actor.
-        options.intra_op_num_threads = torch.get_num_threads()
-        # A predictor's threads share cores with decode tasks: a spinning idle thread holds a
-        # core they need (MobileNetV2 labelling on 2 cores: 93 img/s spinning, 105 without).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in (
-            ort.get_available_providers()
-        ):
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(blob, options, providers=providers)
+        # Torch's thread count: Ray's default for the process, or an actor's share of the cores.
+        cuda = torch.device(device).type == "cuda"
+        self.session = onnx_session(blob, torch.get_num_threads(), cuda)
         self.blob = blob  # the graph's weights, for diagnostics; the session does not expose them
         self.input_name = self.session.get_inputs()[0].name
 

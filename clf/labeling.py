@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from clf import runtime, storage
 from clf.checks import LABEL_JOB_FILE, check_label, label_job
+from clf.classifier import load_classifier, top_k
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.errors import ClfError, UsageError
@@ -167,16 +168,8 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         threads: int = 1,
     ):
-        # Here, not at the top: the job's own process never runs the model, and torch costs it 2 s.
-        import torch
-
-        from clf import artifact, device_decode
-
-        runtime.use_cpu_threads(threads)
-        self.torch = torch
-        self.decode_on_device = device_decode.decode_on_device
-        self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
-        self.classes = np.array(self.artifact.classes, dtype=object)
+        self.model = load_classifier(model_uri, prefer_gpu, threads)
+        self.classes = np.array(self.model.classes, dtype=object)
         self.top_k = min(top_k, len(self.classes))
         self.max_pixels = max_pixels
 
@@ -184,18 +177,16 @@ class Predictor:
         if "pixels" in batch:
             errors = list(batch["error"])
             ok = np.array([e == "" for e in errors], dtype=bool)
-            pixels = self.artifact.to_device(batch["pixels"][ok])
+            probs = self.model.predict_proba(batch["pixels"][ok]) if ok.any() else None
         else:
-            pixels, errors = self._decode(batch)
+            probs, errors = self._decode_and_predict(batch)
             ok = np.array([e == "" for e in errors], dtype=bool)
-            pixels = pixels[self.torch.from_numpy(ok).to(self.artifact.device)]
         n = len(ok)
         label_ids = np.zeros(n, dtype=np.int32)
         scores = np.zeros((n, self.top_k), dtype=np.float32)
         indices = np.zeros((n, self.top_k), dtype=np.int64)
         if ok.any():
-            top = self.artifact.probabilities(pixels).topk(self.top_k, dim=1)
-            scores[ok], indices[ok] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            scores[ok], indices[ok] = top_k(probs, self.top_k)
             label_ids[ok] = indices[ok, 0]
         # Columnar: at thousands of rows a second, per-row Python lists cost more than the GPU.
         failed = ~ok
@@ -211,32 +202,40 @@ class Predictor:
             "topk_scores": pa.ListArray.from_arrays(
                 offsets, pa.array(scores.ravel(), pa.float32()), mask=pa.array(failed)
             ),
-            "model": pa.array([self.artifact.model_id] * n, pa.string()),
+            "model": pa.array([self.model.model_id] * n, pa.string()),
             "error": pa.array([None if good else e for e, good in zip(errors, ok)], pa.string()),
         }
         return pa.table(rows, schema=LABEL_SCHEMA)
 
-    def _decode(self, batch: dict[str, np.ndarray]):
-        """``read_batch`` rows -> uint8 pixels on the device for every row, and the errors."""
-        spec, device, kinds = self.artifact.preprocess, self.artifact.device, batch["kind"]
-        crop = spec.crop
+    def _decode_and_predict(self, batch: dict[str, np.ndarray]):
+        """``read_batch`` rows -> (probabilities of the rows that decoded, every row's error),
+        the JPEGs decoded on the model's device (a torch ``Artifact``'s)."""
+        import torch
+
+        from clf.device_decode import decode_on_device
+
+        model, kinds = self.model, batch["kind"]
+        crop = model.preprocess.crop
         errors = list(batch["error"])
-        pixels = self.torch.zeros(
-            (len(kinds), 3, crop, crop), dtype=self.torch.uint8, device=device
-        )
+        pixels = torch.zeros((len(kinds), 3, crop, crop), dtype=torch.uint8, device=model.device)
         done = [i for i, kind in enumerate(kinds) if kind == "pixels"]
         if done:
             shape = (3, crop, crop)
             host = [np.frombuffer(batch["data"][i], dtype=np.uint8).reshape(shape) for i in done]
-            pixels[done] = self.artifact.to_device(np.stack(host))
+            pixels[done] = model.to_device(np.stack(host))
         jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
         if jpegs:
             data = [batch["data"][i] for i in jpegs]
-            decoded, reasons = self.decode_on_device(data, spec, device, self.max_pixels)
+            decoded, reasons = decode_on_device(
+                data, model.preprocess, model.device, self.max_pixels
+            )
             pixels[jpegs] = decoded
             for i, reason in zip(jpegs, reasons):
                 errors[i] = reason
-        return pixels, errors
+        ok = torch.tensor([e == "" for e in errors], dtype=torch.bool, device=model.device)
+        if not ok.any():
+            return None, errors
+        return model.probabilities(pixels[ok]).cpu().numpy(), errors
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,6 +65,12 @@ class Preprocess:
         std = pixels.new_tensor(self.std).view(1, 3, 1, 1) * 255
         return (pixels - mean) / std
 
+    def normalize_array(self, pixels: np.ndarray) -> np.ndarray:
+        """``normalize`` of a uint8 NCHW numpy batch: the same float32 values, without torch."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255)
+        return (pixels.astype(np.float32) - mean) / std
+
     def with_size(self, input_size: int) -> Preprocess:
         ratio = self.resize / self.input_size
         return Preprocess(

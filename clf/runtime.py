@@ -220,9 +220,14 @@ def torch_device(prefer_gpu: bool = True):
     return torch.device("cuda" if prefer_gpu and torch.cuda.is_available() else "cpu")
 
 
+def cpu_threads(threads: int) -> int:
+    """``threads``, but at least one and never more than the node has."""
+    return max(1, min(threads, os.cpu_count() or 1))
+
+
 def use_cpu_threads(threads: int) -> None:
-    """Run this process's model on ``threads`` CPU threads (torch, and onnxruntime sessions
-    made after this), never more than the node has."""
+    """Run this process's torch models on ``cpu_threads(threads)`` threads; an artifact's ONNX
+    sessions made after this follow torch's count."""
     import torch
 
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    torch.set_num_threads(cpu_threads(threads))

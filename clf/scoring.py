@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from clf import artifact, runtime
+from clf.classifier import load_classifier
 
 
 class Scorer:
     """Actor: loads the artifact once, then turns pixel batches into class probabilities."""
 
     def __init__(self, model_uri: str, prefer_gpu: bool, threads: int = 1):
-        runtime.use_cpu_threads(threads)
-        self.artifact = artifact.load(model_uri, runtime.torch_device(prefer_gpu))
-        self.num_classes = len(self.artifact.classes)
+        self.model = load_classifier(model_uri, prefer_gpu, threads)
+        self.num_classes = len(self.model.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         probs = np.zeros((len(ok), self.num_classes), dtype=np.float32)
         if ok.any():
-            pixels = self.artifact.to_device(batch["pixels"][ok])
-            probs[ok] = self.artifact.probabilities(pixels).cpu().numpy()
+            probs[ok] = self.model.predict_proba(batch["pixels"][ok])
         return {
             "key": batch["key"],
             "path": batch["path"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from clf import cli, models
-from clf.artifact import FORMATS, parse_formats, read_meta
+from clf.artifact import FORMATS, parse_formats
+from clf.artifact_meta import read_meta
 from clf.errors import UsageError
 from clf.formats import INT8_MIN_AGREEMENT
 

@@ -58,10 +58,12 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def imported_by(module: str, of: set[str]) -> list[str]:
-    """Which of ``of`` a fresh interpreter has loaded after importing ``module``: what a Ray
-    worker pays for before its first task or actor call."""
-    code = f"import json, sys, {module}; print(json.dumps(sorted({of!r} & set(sys.modules))))"
+def imported_by(module: str, of: set[str], then: str = "") -> list[str]:
+    """Which of ``of`` a fresh interpreter has loaded after importing ``module`` and running
+    the statement ``then``: what a Ray worker pays for before, or in, its first call."""
+    code = (
+        f"import json, sys, {module}\n{then}\nprint(json.dumps(sorted({of!r} & set(sys.modules))))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

@@ -5,11 +5,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import HYMENOPTERA, ROOT, imported_by, run_in_process
 
 from clf import artifact, formats
+from clf.classifier import OnnxCpuClassifier, load_classifier, top_k
 from clf.errors import ModelLoadError, UsageError
 from clf.exporting import load_sample
 from clf.models import create_model
@@ -181,17 +183,51 @@ def test_a_format_the_artifact_lacks_is_a_usage_error(exported):
         artifact.load(str(folder), format="onnx")
 
 
+def copy_with_one_byte_changed(all_formats, folder, name):
+    _, meta, source = all_formats
+    folder.mkdir()
+    for file in [*meta["files"].values(), "meta.json"]:
+        (folder / file).write_bytes((source / file).read_bytes())
+    changed = folder / name
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\1")
+    return str(folder)
+
+
 def test_sha_mismatch_of_the_loaded_file_is_refused(all_formats, tmp_path):
-    _, meta, folder = all_formats
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in [*meta["files"].values(), "meta.json"]:
-        (copy / name).write_bytes((folder / name).read_bytes())
-    int8 = copy / "model.int8.onnx"
-    int8.write_bytes(int8.read_bytes()[:-1] + b"\1")
-    artifact.load(str(copy), format="onnx")  # the other files are untouched
+    copy = copy_with_one_byte_changed(all_formats, tmp_path / "copy", "model.int8.onnx")
+    artifact.load(copy, format="onnx")  # the other files are untouched
     with pytest.raises(ModelLoadError, match="model.int8.onnx does not match its sha256"):
-        artifact.load(str(copy), format="int8")
+        artifact.load(copy, format="int8")
+
+
+def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxruntime_alone(
+    all_formats, exported
+):
+    _, meta, folder = all_formats
+    on_cpu = load_classifier(str(folder), prefer_gpu=False, threads=1)
+    through_torch = artifact.load(str(folder))
+    assert isinstance(on_cpu, OnnxCpuClassifier) and through_torch.format == on_cpu.format == "onnx"
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    probs = on_cpu.predict_proba(pixels)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1.0, atol=1e-6)
+    assert np.allclose(probs, through_torch.predict_proba(pixels), atol=1e-6)
+    assert on_cpu.classes == CLASSES and on_cpu.model_id == meta["sha256"][:12]
+    # TorchScript, and any artifact beside a GPU, load through torch.
+    assert isinstance(load_classifier(str(exported[2]), prefer_gpu=False), artifact.Artifact)
+    assert isinstance(load_classifier(str(folder), prefer_gpu=True), artifact.Artifact)
+
+
+def test_the_onnx_cpu_classifier_refuses_a_tampered_file(all_formats, tmp_path):
+    copy = copy_with_one_byte_changed(all_formats, tmp_path / "copy", "model.onnx")
+    with pytest.raises(ModelLoadError, match="model.onnx does not match its sha256"):
+        load_classifier(copy, prefer_gpu=False)
+
+
+def test_top_k_gives_each_rows_most_probable_classes_best_first():
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
+    scores, indices = top_k(probs, 2)
+    assert indices.tolist() == [[1, 2], [0, 2]]
+    assert np.array_equal(scores, np.array([[0.6, 0.3], [0.5, 0.3]], dtype=np.float32))
 
 
 def export_two_class_cnn(folder, **options):

@@ -11,6 +11,7 @@ from conftest import imported_by
 from PIL import Image
 
 from clf import artifact
+from clf.artifact_meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.label_sink import LABEL_SCHEMA, AtomicParquetSink, part_name
@@ -71,7 +72,7 @@ def test_predictor_rows_have_the_label_schema_and_null_on_error(small_artifact):
     assert all(
         bad[k] is None for k in ("label", "label_id", "confidence", "topk_labels", "topk_scores")
     )
-    assert good["model"] == bad["model"] == artifact.read_meta(small_artifact)["sha256"][:12]
+    assert good["model"] == bad["model"] == read_meta(small_artifact)["sha256"][:12]
 
 
 @pytest.fixture
@@ -84,12 +85,24 @@ def restore_torch_threads():
 def test_the_predictor_runs_its_model_on_the_cpu_threads_it_is_given(
     tmp_path, restore_torch_threads
 ):
-    onnx_artifact = export_small_cnn(tmp_path, formats=("onnx",))
-    predictor = Predictor(onnx_artifact, top_k=3, prefer_gpu=False, threads=2)
-    options = predictor.artifact.module.session.get_session_options()
-    assert torch.get_num_threads() == 2 and options.intra_op_num_threads == 2
+    onnx_artifact = export_small_cnn(tmp_path / "onnx", formats=("onnx",))
+    options = Predictor(onnx_artifact, top_k=3, prefer_gpu=False, threads=2).model.session
+    options = options.get_session_options()
+    assert options.intra_op_num_threads == 2
     # Idle onnxruntime threads sleep: they share the cores with the decode tasks.
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    torchscript_artifact = export_small_cnn(tmp_path / "ts")
+    Predictor(torchscript_artifact, top_k=3, prefer_gpu=False, threads=2)
+    assert torch.get_num_threads() == 2
+
+
+def test_a_cpu_label_actor_of_an_onnx_artifact_never_imports_torch(tmp_path):
+    """torch costs 2.3 s of CPU at the actor's start, which a CPU node's decode tasks need."""
+    art = export_small_cnn(tmp_path, formats=("onnx",))
+    batch = "{'uri': np.array(['a'], dtype=object), 'error': np.array([''], dtype=object), "
+    batch += "'pixels': np.zeros((1, 3, 32, 32), dtype=np.uint8)}"
+    labels = f"clf.labeling.Predictor({art!r}, 3, False, threads=2)({batch})"
+    assert imported_by("numpy as np, clf.labeling", {"torch"}, then=labels) == []
 
 
 @pytest.mark.parametrize(

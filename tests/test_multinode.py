@@ -90,7 +90,7 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-            record(predictors, device=str(self.artifact.device), gpus=gpus)
+            record(predictors, device=str(self.model.device), gpus=gpus)
 
     monkeypatch.setattr(labeling, "decode_batch", recorded_decode)
     monkeypatch.setattr(labeling, "Predictor", RecordedPredictor)

@@ -48,3 +48,14 @@ def test_normalize_scales_uint8_pixels_by_the_specs_mean_and_std():
     assert out.dtype == torch.float32 and out.shape == pixels.shape
     assert out[0, :, 0, 0].tolist() == [1.0, 3.0, 1.0]  # (1 - mean) / std per channel
     assert out[1, :, 0, 0].tolist() == [-1.0, -1.0, 0.0]
+
+
+def test_normalizing_numpy_pixels_gives_torchs_float32_values_bit_for_bit():
+    """The ONNX actor normalizes with numpy: its model must see what the torch path feeds."""
+    import torch
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    spec = Preprocess()
+    out = spec.normalize_array(pixels)
+    assert out.dtype == np.float32
+    assert np.array_equal(out, spec.normalize(torch.from_numpy(pixels)).numpy())

@@ -1,0 +1,86 @@
+"""The model behind the label and evaluate actors: uint8 pixel batches in, class probabilities
+out, both numpy.
+
+An ONNX artifact on the CPU runs on onnxruntime and numpy alone, so its actor never imports
+torch: 2.3 s of CPU that a CPU labelling job paid before its first batch, while decode tasks
+needed the same cores. Anything else (TorchScript, a GPU) loads through ``clf.artifact``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from clf import runtime
+from clf.artifact_meta import file_sha256, read_meta, read_model_file
+from clf.preprocess import Preprocess
+
+ONNX_FORMATS = ("onnx", "int8")
+
+
+def onnx_session(blob: bytes, threads: int, cuda: bool = False):
+    """An onnxruntime session on ``threads`` CPU threads (onnxruntime would otherwise start one
+    per core in every actor), on CUDA too when asked and available."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    # A predictor's threads share cores with decode tasks: a spinning idle thread holds a
+    # core they need (MobileNetV2 labelling on 2 cores: 93 img/s spinning, 105 without).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(blob, options, providers=providers)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, class indices) of each row's ``k`` most probable classes, best first."""
+    indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(probs, indices, axis=1), indices
+
+
+class OnnxCpuClassifier:
+    """An ONNX artifact in onnxruntime on the CPU, with the ``Artifact`` attributes the actors
+    use."""
+
+    device = "cpu"
+
+    def __init__(self, uri: str, threads: int = 1):
+        self.meta, self.format, blob = read_model_file(uri)
+        self.preprocess = Preprocess.from_meta(self.meta)
+        self.session = onnx_session(blob, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def model_id(self) -> str:
+        return file_sha256(self.meta, self.format)[:12]
+
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NCHW pixels -> float32 class probabilities."""
+        normalized = self.preprocess.normalize_array(pixels)
+        (logits,) = self.session.run(None, {self.input_name: normalized})
+        return softmax(logits.astype(np.float32, copy=False))
+
+
+def load_classifier(uri: str, prefer_gpu: bool, threads: int = 1) -> Any:
+    """The artifact at ``uri`` for an actor: ``OnnxCpuClassifier`` for a default ONNX format
+    off the GPU, else ``clf.artifact.Artifact`` on the GPU when there is one. ``threads``: CPU
+    threads for the model."""
+    if not prefer_gpu and read_meta(uri)["format"] in ONNX_FORMATS:
+        return OnnxCpuClassifier(uri, runtime.cpu_threads(threads))
+    from clf import artifact
+
+    runtime.use_cpu_threads(threads)
+    return artifact.load(uri, runtime.torch_device(prefer_gpu))
