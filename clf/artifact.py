@@ -19,11 +19,10 @@ from torch import nn
 
 from clf import formats as fmts
 from clf import storage
-from clf.artifact_meta import file_sha256, read_model_file
+from clf.artifact_meta import FORMATS, file_sha256, read_model_file
 from clf.errors import UsageError
 from clf.preprocess import Preprocess
 
-FORMATS = fmts.FORMATS
 RANDOM_SAMPLE = "random tensors (no real images given)"
 
 

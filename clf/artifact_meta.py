@@ -9,6 +9,8 @@ from typing import Any
 from clf import storage
 from clf.errors import ModelLoadError, UsageError
 
+FORMATS = ("torchscript", "onnx", "int8")
+
 
 def read_meta(uri: str) -> dict[str, Any]:
     meta_uri = storage.join(uri, "meta.json")

@@ -13,20 +13,20 @@ from typing import Any
 import numpy as np
 
 from clf import runtime
-from clf.artifact_meta import file_sha256, read_meta, read_model_file
+from clf.artifact_meta import check_format_in, file_sha256, read_meta, read_model_file
 from clf.preprocess import Preprocess
 
 ONNX_FORMATS = ("onnx", "int8")
 
 
-def onnx_session(blob: bytes, threads: int, cuda: bool = False):
-    """An onnxruntime session on ``threads`` CPU threads (onnxruntime would otherwise start one
-    per core in every actor), on CUDA too when asked and available."""
+def onnx_session(blob: bytes, threads: int | None, cuda: bool = False):
+    """An onnxruntime session on ``threads`` CPU threads (None: one per core, onnxruntime's
+    default, too many for an actor beside others), on CUDA too when asked and available."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or 0
     # A predictor's threads share cores with decode tasks: a spinning idle thread holds a
     # core they need (MobileNetV2 labelling on 2 cores: 93 img/s spinning, 105 without).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -53,8 +53,8 @@ class OnnxCpuClassifier:
 
     device = "cpu"
 
-    def __init__(self, uri: str, threads: int = 1):
-        self.meta, self.format, blob = read_model_file(uri)
+    def __init__(self, uri: str, threads: int | None = None, format: str | None = None):
+        self.meta, self.format, blob = read_model_file(uri, format)
         self.preprocess = Preprocess.from_meta(self.meta)
         self.session = onnx_session(blob, threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -74,13 +74,17 @@ class OnnxCpuClassifier:
         return softmax(logits.astype(np.float32, copy=False))
 
 
-def load_classifier(uri: str, prefer_gpu: bool, threads: int = 1) -> Any:
-    """The artifact at ``uri`` for an actor: ``OnnxCpuClassifier`` for a default ONNX format
-    off the GPU, else ``clf.artifact.Artifact`` on the GPU when there is one. ``threads``: CPU
-    threads for the model."""
-    if not prefer_gpu and read_meta(uri)["format"] in ONNX_FORMATS:
-        return OnnxCpuClassifier(uri, runtime.cpu_threads(threads))
+def load_classifier(
+    uri: str, prefer_gpu: bool, threads: int | None = None, format: str | None = None
+) -> Any:
+    """The artifact at ``uri`` in its default format or ``format``: ``OnnxCpuClassifier`` for an
+    ONNX format off the GPU, else ``clf.artifact.Artifact``, on the GPU when there is one.
+    ``threads``: CPU threads for the model (None: the runtime's default)."""
+    fmt = check_format_in(read_meta(uri), uri, format)
+    if not prefer_gpu and fmt in ONNX_FORMATS:
+        return OnnxCpuClassifier(uri, threads and runtime.cpu_threads(threads), fmt)
     from clf import artifact
 
-    runtime.use_cpu_threads(threads)
-    return artifact.load(uri, runtime.torch_device(prefer_gpu))
+    if threads:
+        runtime.use_cpu_threads(threads)
+    return artifact.load(uri, runtime.torch_device(prefer_gpu), fmt)

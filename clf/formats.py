@@ -28,7 +28,6 @@ from torch import nn
 from clf.classifier import onnx_session
 from clf.errors import ModelLoadError
 
-FORMATS = ("torchscript", "onnx", "int8")
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
 TORCHSCRIPT_ATOL = 1e-4
 ONNX_ATOL = 1e-3

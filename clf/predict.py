@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import numpy as np
 
-from clf import artifact, storage
+from clf import classifier, storage
 from clf.config import DEFAULT_MAX_PIXELS
 from clf.decode import DecodeError
 from clf.preprocess import eval_pixels
@@ -18,24 +18,24 @@ def predict(
     model_uri: str, images: list[str], top_k: int = 5, format: str | None = None
 ) -> dict[str, Any]:
     """``{"model", "format", "results": [{"image", "error", "top": [{"label", "probability"}]}]}``."""
-    loaded = artifact.load(model_uri, format=format)
-    spec = loaded.preprocess
+    model = classifier.load_classifier(model_uri, prefer_gpu=False, format=format)
+    spec = model.preprocess
     results: list[dict[str, Any]] = [{"image": uri, "error": None, "top": []} for uri in images]
     pixels, rows = [], []
     for row, uri in enumerate(images):
         try:  # the label job's decode and crop, so both give an image the same label
-            crop = eval_pixels(storage.read_bytes(uri), spec, DEFAULT_MAX_PIXELS)
+            pixels.append(eval_pixels(storage.read_bytes(uri), spec, DEFAULT_MAX_PIXELS))
         except (DecodeError, storage.StorageError) as e:
             results[row]["error"] = str(e)
             continue
-        pixels.append(torch.tensor(crop))  # a copy: the crop is a read-only view of the image
         rows.append(row)
-    k = min(top_k, len(loaded.classes))
+    k = min(top_k, len(model.classes))
     for start in range(0, len(pixels), BATCH):
-        top = loaded.probabilities(torch.stack(pixels[start : start + BATCH])).topk(k)
-        for row, values, indices in zip(rows[start : start + BATCH], top.values, top.indices):
+        probs = model.predict_proba(np.stack(pixels[start : start + BATCH]))
+        scores, indices = classifier.top_k(probs, k)
+        for row, values, classes in zip(rows[start : start + BATCH], scores, indices):
             results[row]["top"] = [
-                {"label": loaded.classes[i], "probability": round(float(p), 6)}
-                for p, i in zip(values, indices)
+                {"label": model.classes[i], "probability": round(float(p), 6)}
+                for p, i in zip(values, classes)
             ]
-    return {"model": loaded.model_id, "format": loaded.format, "results": results}
+    return {"model": model.model_id, "format": model.format, "results": results}

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clf import cli, storage
-from clf.artifact import FORMATS
-from clf.artifact_meta import check_format_in, read_meta
+from clf.artifact_meta import FORMATS, check_format_in, read_meta
 from clf.errors import ClfError, UsageError
 
 

@@ -336,6 +336,14 @@ def test_predict_starts_without_torchvision():
     assert imported_by("clf.predict", {"torchvision"}) == []
 
 
+def test_predicting_with_an_onnx_artifact_never_imports_torch(all_formats):
+    """torch was 2.3 s of CPU at the start of every prediction, and ONNX does not need it."""
+    _, _, folder = all_formats
+    bee = str(sorted((HYMENOPTERA / "val" / "bees").iterdir())[0])
+    then = f"assert clf.predict.predict({str(folder)!r}, [{bee!r}])['format'] == 'onnx'"
+    assert imported_by("jobs.predict, clf.predict", {"torch"}, then=then) == []
+
+
 def test_predict_a_format_the_artifact_lacks_is_a_one_line_usage_error(exported):
     _, _, folder = exported
     bee = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
