@@ -1,7 +1,7 @@
-"""The model behind the label and evaluate actors: uint8 pixel batches in, class probabilities
-out, both numpy.
+"""The model behind the label and evaluate actors and jobs.predict: uint8 pixel batches in,
+class probabilities out, both numpy.
 
-An ONNX artifact on the CPU runs on onnxruntime and numpy alone, so its actor never imports
+An ONNX artifact on the CPU runs on onnxruntime and numpy alone, so its process never imports
 torch: 2.3 s of CPU that a CPU labelling job paid before its first batch, while decode tasks
 needed the same cores. Anything else (TorchScript, a GPU) loads through ``clf.artifact``.
 """

@@ -17,6 +17,7 @@ from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 
 from clf.label_sink import LABEL_SCHEMA
 from clf.labeling import read_rows
+from clf.predict import predict
 from clf.training import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -198,3 +199,11 @@ def test_export_from_run_and_predict_top5(hymenoptera_run):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == bee
     assert "1. bees" in done.stdout  # only two classes, so the top-k stops at 2
+
+    # ONNX, the artifact's default, labels through Ray as its TorchScript twin predicts.
+    out = str(hymenoptera_run["root"] / "onnx-labels")
+    job("jobs.label", "--model", art, "--input", str(HYMENOPTERA / "val"), "--output", out)
+    rows = read_rows(out).to_pylist()
+    assert len(rows) == 153 and all(r["error"] is None for r in rows)
+    twin = predict(art, [r["uri"] for r in rows], top_k=1, format="torchscript")
+    assert [r["label"] for r in rows] == [p["top"][0]["label"] for p in twin["results"]]
