@@ -86,8 +86,8 @@ def test_the_predictor_runs_its_model_on_the_cpu_threads_it_is_given(
     tmp_path, restore_torch_threads
 ):
     onnx_artifact = export_small_cnn(tmp_path / "onnx", formats=("onnx",))
-    options = Predictor(onnx_artifact, top_k=3, prefer_gpu=False, threads=2).model.session
-    options = options.get_session_options()
+    session = Predictor(onnx_artifact, top_k=3, prefer_gpu=False, threads=2).model.session
+    options = session.get_session_options()
     assert options.intra_op_num_threads == 2
     # Idle onnxruntime threads sleep: they share the cores with the decode tasks.
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
