@@ -43,9 +43,15 @@ def parser(prog: str, description: str) -> ArgumentParser:
     return p
 
 
-def add_actor_pool_flags(p: argparse.ArgumentParser, role: str) -> None:
-    """The flags that size the model's actor pool, shared by jobs.label and jobs.evaluate."""
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per inference call")
+def add_actor_pool_flags(p: argparse.ArgumentParser, role: str, config: type) -> None:
+    """The flags that size the model's actor pool, shared by jobs.label and jobs.evaluate;
+    defaults from ``config``, their config class."""
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=config.batch_size,
+        help="images per inference call",
+    )
     p.add_argument(
         "--actors",
         type=positive_int,
@@ -55,13 +61,13 @@ def add_actor_pool_flags(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument(
         "--gpus-per-actor",
         type=float,
-        default=1.0,
+        default=config.gpus_per_actor,
         help="a share of one GPU (0.5: two actors per GPU) or a whole number of GPUs",
     )
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
-        default="auto",
+        default=config.device,
         help=f"where {role}s run; auto: on GPUs if the cluster has or can start GPU nodes",
     )
 

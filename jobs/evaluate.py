@@ -25,8 +25,13 @@ def build_parser():
     p.add_argument(
         "--output", type=cli.location, required=True, help="folder or s3:// prefix for the report"
     )
-    p.add_argument("--top-k", type=cli.positive_int, default=5, help="k of the top-k accuracy")
-    cli.add_actor_pool_flags(p, "scorer")
+    p.add_argument(
+        "--top-k",
+        type=cli.positive_int,
+        default=EvaluateConfig.top_k,
+        help="k of the top-k accuracy",
+    )
+    cli.add_actor_pool_flags(p, "scorer", EvaluateConfig)
     p.add_argument(
         "--diagnostics",
         action="store_true",
@@ -38,10 +43,16 @@ def build_parser():
         help="with --model hog_svm: the split to fit on, e.g. DST/train",
     )
     p.add_argument(
-        "--baseline-size", type=cli.positive_int, default=64, help="hog_svm: HOG image side (px)"
+        "--baseline-size",
+        type=cli.positive_int,
+        default=EvaluateConfig.baseline_size,
+        help="hog_svm: HOG image side (px)",
     )
     p.add_argument(
-        "--confused-pairs", type=cli.positive_int, default=20, help="most confused pairs listed"
+        "--confused-pairs",
+        type=cli.positive_int,
+        default=EvaluateConfig.confused_pairs,
+        help="most confused pairs listed",
     )
     return p
 

@@ -19,10 +19,27 @@ def build_parser():
         help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]",
     )
     p.add_argument("--dst", type=cli.location, required=True, help="output folder or s3:// prefix")
-    p.add_argument("--val-fraction", type=cli.fraction, default=0.2, help="when src has no val/")
-    p.add_argument("--test-fraction", type=cli.fraction, default=0.0, help="when src has no test/")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
-    p.add_argument("--shard-size", type=cli.positive_int, default=1000, help="images per shard")
+    p.add_argument(
+        "--val-fraction",
+        type=cli.fraction,
+        default=IngestConfig.val_fraction,
+        help="when src has no val/",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=cli.fraction,
+        default=IngestConfig.test_fraction,
+        help="when src has no test/",
+    )
+    p.add_argument(
+        "--seed", type=int, default=IngestConfig.seed, help="seed of the stratified split"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=cli.positive_int,
+        default=IngestConfig.shard_size,
+        help="images per shard",
+    )
     p.add_argument(
         "--max-pixels",
         type=cli.positive_int,

@@ -27,13 +27,16 @@ def build_parser():
         help="folder or s3:// prefix for the label rows",
     )
     p.add_argument(
-        "--top-k", type=cli.positive_int, default=5, help="classes in topk_labels and topk_scores"
+        "--top-k",
+        type=cli.positive_int,
+        default=LabelConfig.top_k,
+        help="classes in topk_labels and topk_scores",
     )
-    cli.add_actor_pool_flags(p, "predictor")
+    cli.add_actor_pool_flags(p, "predictor", LabelConfig)
     p.add_argument(
         "--decode",
         choices=["auto", "cpu", "gpu"],
-        default="auto",
+        default=LabelConfig.decode,
         help="where JPEGs decode (default auto: on the predictor's GPU when it has one, "
         "nvJPEG; other formats always decode on CPUs)",
     )
@@ -59,8 +62,8 @@ def build_parser():
     p.add_argument(
         "--progress-every",
         type=cli.positive_seconds,
-        default=30.0,
-        help="seconds between progress lines (default 30)",
+        default=LabelConfig.progress_every,
+        help=f"seconds between progress lines (default {LabelConfig.progress_every:g})",
     )
     return p
 

@@ -1,6 +1,7 @@
 """Every job answers --help, and every bad flag is one line on stderr with exit code 2, before Ray."""
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
 
 from clf import cli
+from clf.config import EvaluateConfig, IngestConfig, LabelConfig
 
 JOBS = ["ingest", "train", "export", "label", "evaluate", "predict"]
 
@@ -20,6 +22,19 @@ def job(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [("ingest", IngestConfig), ("label", LabelConfig), ("evaluate", EvaluateConfig)],
+)
+def test_every_flag_defaults_to_its_config_fields_default(name, config):
+    """A job run from the command line and one built from its config do the same thing."""
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
+    actions = importlib.import_module(f"jobs.{name}").build_parser()._actions
+    optional = [a for a in actions if a.dest in fields and not a.required]
+    assert len(optional) >= 5
+    assert {a.dest: a.default for a in optional} == {a.dest: fields[a.dest] for a in optional}
 
 
 def test_a_bad_flag_from_the_command_line_is_one_line_and_exit_2():
