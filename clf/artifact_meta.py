@@ -32,10 +32,12 @@ def file_sha256(meta: dict[str, Any], fmt: str) -> str:
     return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
 
 
-def read_model_file(uri: str, fmt: str | None = None) -> tuple[dict[str, Any], str, bytes]:
+def read_model_file(
+    uri: str, fmt: str | None = None, meta: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str, bytes]:
     """(meta, format, the format's file) of the artifact at ``uri``, the file checked against
-    its sha256 in meta.json."""
-    meta = read_meta(uri)
+    its sha256 in meta.json; ``meta``: the artifact's meta.json when already read."""
+    meta = meta or read_meta(uri)
     fmt = check_format_in(meta, uri, fmt)
     blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
     if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):

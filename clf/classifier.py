@@ -37,6 +37,7 @@ def onnx_session(blob: bytes, threads: int | None, cuda: bool = False):
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    # Not scipy.special.softmax: importing it would add 0.2 s to every actor's start.
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
 
@@ -53,8 +54,14 @@ class OnnxCpuClassifier:
 
     device = "cpu"
 
-    def __init__(self, uri: str, threads: int | None = None, format: str | None = None):
-        self.meta, self.format, blob = read_model_file(uri, format)
+    def __init__(
+        self,
+        uri: str,
+        threads: int | None = None,
+        format: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.meta, self.format, blob = read_model_file(uri, format, meta)
         self.preprocess = Preprocess.from_meta(self.meta)
         self.session = onnx_session(blob, threads)
         self.input_name = self.session.get_inputs()[0].name
@@ -80,9 +87,10 @@ def load_classifier(
     """The artifact at ``uri`` in its default format or ``format``: ``OnnxCpuClassifier`` for an
     ONNX format off the GPU, else ``clf.artifact.Artifact``, on the GPU when there is one.
     ``threads``: CPU threads for the model (None: the runtime's default)."""
-    fmt = check_format_in(read_meta(uri), uri, format)
+    meta = read_meta(uri)
+    fmt = check_format_in(meta, uri, format)
     if not prefer_gpu and fmt in ONNX_FORMATS:
-        return OnnxCpuClassifier(uri, threads and runtime.cpu_threads(threads), fmt)
+        return OnnxCpuClassifier(uri, threads and runtime.cpu_threads(threads), fmt, meta)
     from clf import artifact
 
     if threads:

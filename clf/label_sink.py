@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from clf import storage
+from clf.config import LabelConfig
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -45,7 +46,7 @@ class AtomicParquetSink(Datasink):
     """Ray's write_parquet writes in place, so a kill leaves a truncated file; we commit each
     write call's rows whole (temp file + rename locally, a single PUT on S3)."""
 
-    def __init__(self, output: str, rows_per_file: int = 512):
+    def __init__(self, output: str, rows_per_file: int = LabelConfig.rows_per_file):
         self.output = output
         self.rows_per_file = rows_per_file
 

@@ -170,6 +170,7 @@ class Predictor:
     ):
         self.model = load_classifier(model_uri, prefer_gpu, threads)
         self.classes = np.array(self.model.classes, dtype=object)
+        self.model_id = self.model.model_id
         self.top_k = min(top_k, len(self.classes))
         self.max_pixels = max_pixels
 
@@ -202,7 +203,7 @@ class Predictor:
             "topk_scores": pa.ListArray.from_arrays(
                 offsets, pa.array(scores.ravel(), pa.float32()), mask=pa.array(failed)
             ),
-            "model": pa.array([self.model.model_id] * n, pa.string()),
+            "model": pa.array([self.model_id] * n, pa.string()),
             "error": pa.array([None if good else e for e, good in zip(errors, ok)], pa.string()),
         }
         return pa.table(rows, schema=LABEL_SCHEMA)
