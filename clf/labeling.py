@@ -30,7 +30,8 @@ from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.preprocess import Preprocess
 
 # Write tasks in flight at once: each commits one file, and they wait on storage, not a CPU.
-WRITE_TASKS = 4
+# They ask for no CPU, so they run in the spare workers an embedded Ray keeps.
+WRITE_TASKS = runtime.SPARE_WORKERS
 
 
 @dataclass

@@ -31,7 +31,10 @@ start() {
         exit 2
     }
     ray get-auth-token --generate >/dev/null
-    RAY_AUTH_MODE=token ray start --head \
+    # Ray keeps one idle worker per CPU and restarts the rest for each task; the label job's
+    # writes ask for no CPU and need 4 more (clf.runtime.SPARE_WORKERS).
+    RAY_num_workers_soft_limit="${RAY_num_workers_soft_limit:-$(($(getconf _NPROCESSORS_ONLN) + 4))}" \
+        RAY_AUTH_MODE=token ray start --head \
         --port "$port" \
         --dashboard-host 127.0.0.1 \
         --dashboard-port "$dashboard_port" \

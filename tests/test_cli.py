@@ -302,6 +302,35 @@ def test_ray_address_local_starts_the_jobs_own_embedded_ray():
     assert done.stdout.strip().splitlines()[-1] == "1.0"
 
 
+def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path):
+    """The label job's writes ask for no CPU; between two files their workers must live on,
+    not be replaced by fresh Python processes as Ray does above one idle worker per CPU."""
+    code = (
+        "import os, sys, time, ray; from clf import runtime; runtime.init_ray(num_cpus=1)\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def pid_once_three_run(round, room=sys.argv[1]):\n"
+        "    open(os.path.join(room, f'{round}-{os.getpid()}'), 'w').close()\n"
+        "    while sum(n.startswith(f'{round}-') for n in os.listdir(room)) < 3:\n"
+        "        time.sleep(0.05)\n"
+        "    return os.getpid()\n"
+        "first = set(ray.get([pid_once_three_run.remote(1) for _ in range(3)]))\n"
+        "time.sleep(2.5)  # Ray stops surplus workers after 1 s idle\n"
+        "again = set(ray.get([pid_once_three_run.remote(2) for _ in range(3)]))\n"
+        "print(len(first), len(first & again)); ray.shutdown()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_num_workers_soft_limit"}
+        | {"RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3 3"
+
+
 def test_min_int8_agreement_may_be_any_share_up_to_all():
     assert [cli.unit_interval(v) for v in ("0", "0.99", "1")] == [0.0, 0.99, 1.0]
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\], got 1.5"):
