@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import HYMENOPTERA, ROOT, imported_by, run_in_process
 
-from clf import artifact, formats
+from clf import artifact, classifier, formats
 from clf.classifier import OnnxCpuClassifier, load_classifier, top_k
 from clf.errors import ModelLoadError, UsageError
 from clf.exporting import load_sample
@@ -215,6 +215,29 @@ def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxrunt
     # TorchScript, and any artifact beside a GPU, load through torch.
     assert isinstance(load_classifier(str(exported[2]), prefer_gpu=False), artifact.Artifact)
     assert isinstance(load_classifier(str(folder), prefer_gpu=True), artifact.Artifact)
+
+
+def test_the_onnx_cpu_classifier_runs_a_few_images_a_call_with_the_same_probabilities(
+    all_formats, monkeypatch
+):
+    """Small calls keep onnxruntime's activations in cache (RESULTS.md: 9.1 against 11.1 ms
+    of CPU an image); splitting a batch must not change any probability."""
+    _, _, folder = all_formats
+    on_cpu = load_classifier(str(folder), prefer_gpu=False, threads=1)
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    whole = on_cpu.predict_proba(pixels)
+    calls = []
+    session = on_cpu.session
+
+    class CountingSession:
+        def run(self, outputs, feeds):
+            calls.append(len(next(iter(feeds.values()))))
+            return session.run(outputs, feeds)
+
+    on_cpu.session = CountingSession()
+    monkeypatch.setattr(classifier, "CALL_PIXELS", 2 * 32 * 32)
+    assert np.allclose(on_cpu.predict_proba(pixels), whole, atol=1e-6)
+    assert calls == [2, 2, 1]
 
 
 def test_the_onnx_cpu_classifier_refuses_a_tampered_file(all_formats, tmp_path):
