@@ -8,6 +8,8 @@ to Parquet, each in a fresh process:
   (b) pytorch   DataLoader with 2 workers, batch 64, inference_mode, pyarrow writer
   (c) ray-docs  read_images -> map(preprocess) -> map_batches(actor pool) -> write_parquet
   (d) bound     forward passes only, on pre-decoded tensors, at the best batch size
+      bound-artifact  the same, through the artifact and model call jobs.label runs
+                  (onnxruntime on a CPU), on every core: the job's predictor with decoding free
       jobs.label
 
 Images/s is inputs over the method's wall time from its first image to its output written
@@ -36,7 +38,7 @@ from benchmarks._jobs import environments, mobilenet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
-METHODS = ("seeds", "pytorch", "ray-docs", "bound", "jobs.label")
+METHODS = ("seeds", "pytorch", "ray-docs", "bound", "bound-artifact", "jobs.label")
 
 
 def corpus(folder: str, count: int, samples: str = str(SAMPLES)) -> list[str]:
@@ -236,18 +238,54 @@ def run_bound(files: list[str], out: str, arch: str, weights: str) -> float:
     return len(files) / best
 
 
-def run_jobs_label(files: list[str], out: str, arch: str, weights: str) -> float:
-    work = tempfile.mkdtemp(prefix="bench-label-")
-    art = os.path.join(work, "art")
-    # ONNX on CPU: on one thread onnxruntime outruns eager PyTorch on two (RESULTS.md).
-    fmt = "torchscript" if gpu() else "onnx"
+def export_artifact(arch: str, weights: str) -> str:
+    """The artifact jobs.label runs: ONNX on a CPU, where on one thread onnxruntime outruns
+    eager PyTorch on two (RESULTS.md); TorchScript on a GPU."""
+    art = os.path.join(tempfile.mkdtemp(prefix="bench-label-"), "art")
     subprocess.run(
         [sys.executable, "-m", "jobs.export", "--model", arch, "--pretrained", weights]
-        + ["--classes", "imagenet", "--format", fmt, "--output", art],
+        + ["--classes", "imagenet", "--format", "torchscript" if gpu() else "onnx"]
+        + ["--output", art],
         cwd=ROOT,
         check=True,
         stdout=subprocess.DEVNULL,
     )
+    return art
+
+
+def run_bound_artifact(files: list[str], out: str, arch: str, weights: str) -> float:
+    """(d) through jobs.label's own artifact and model call (``predict_proba`` and top-5 on
+    uint8 pixels that the job's decode made), with every core for the model."""
+    import numpy as np
+
+    from clf.artifact_meta import read_meta
+    from clf.classifier import load_classifier, top_k
+    from clf.config import DEFAULT_MAX_PIXELS
+    from clf.decode_tasks import decode_batch
+    from clf.preprocess import Preprocess
+
+    art = export_artifact(arch, weights)
+    cuda = gpu()
+    classifier = load_classifier(art, prefer_gpu=cuda, threads=None if cuda else os.cpu_count())
+    count = 512 if cuda else 128
+    uris = np.array(files[:count], dtype=object)
+    preprocess = Preprocess.from_meta(read_meta(art)).to_meta()
+    pixels = decode_batch({"uri": uris}, preprocess, DEFAULT_MAX_PIXELS)["pixels"]
+    best = 0.0
+    for batch in (64, 256, 512) if cuda else (8, 32, 64, 128):
+        classifier.predict_proba(pixels[:batch])  # warm-up
+        started, seen = time.perf_counter(), 0
+        while seen < count * (8 if cuda else 1):
+            top_k(classifier.predict_proba(pixels[seen % count : seen % count + batch]), 5)
+            seen += batch
+        rate = seen / (time.perf_counter() - started)
+        print(f"  artifact bound at batch {batch}: {rate:.1f} img/s", flush=True)
+        best = max(best, rate)
+    return len(files) / best
+
+
+def run_jobs_label(files: list[str], out: str, arch: str, weights: str) -> float:
+    art = export_artifact(arch, weights)
     done = subprocess.run(
         [sys.executable, "-m", "jobs.label", "--model", art, "--input", os.path.dirname(files[0])]
         + ["--output", out, "--json"],
@@ -266,6 +304,7 @@ RUNNERS = {
     "pytorch": run_pytorch,
     "ray-docs": run_ray_docs,
     "bound": run_bound,
+    "bound-artifact": run_bound_artifact,
     "jobs.label": run_jobs_label,
 }
 
@@ -316,19 +355,23 @@ def main() -> None:
         rates = {}
         for method in args.methods.split(","):
             rates[method] = measure(method, files, env, args.arch, weights)
-            print(f"  {env_name:<7} {method:<10} {rates[method]:7.1f} img/s", flush=True)
+            print(f"  {env_name:<7} {method:<14} {rates[method]:7.1f} img/s", flush=True)
         peers = {m: r for m, r in rates.items() if m in ("seeds", "pytorch", "ray-docs")}
         fastest = max(peers, key=peers.get) if peers else None
         print(f"\n== {env_name} environment (fastest of a-c: {fastest}) ==")
         for method, rate in rates.items():
             ratio = f"  {rate / peers[fastest]:5.2f}x fastest a-c" if fastest else ""
-            print(f"{method:<10} {rate:7.1f} img/s{ratio}")
+            print(f"{method:<14} {rate:7.1f} img/s{ratio}")
         if "jobs.label" in rates:
             mine = rates["jobs.label"]
             if "ray-docs" in rates:
                 print(f"jobs.label / ray-docs: {mine / rates['ray-docs']:.2f}x")
             if "bound" in rates:
                 print(f"jobs.label / model-only bound: {mine / rates['bound']:.0%}")
+            if "bound-artifact" in rates:
+                print(
+                    f"jobs.label / its own artifact's bound: {mine / rates['bound-artifact']:.0%}"
+                )
 
 
 if __name__ == "__main__":
