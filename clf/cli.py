@@ -50,7 +50,7 @@ def add_actor_pool_flags(p: argparse.ArgumentParser, role: str, config: type) ->
         "--batch-size",
         type=positive_int,
         default=config.batch_size,
-        help="images per inference call",
+        help="images per predictor batch (onnxruntime on a CPU runs them a few at a time)",
     )
     p.add_argument(
         "--actors",

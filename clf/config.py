@@ -171,7 +171,7 @@ class LabelConfig:
     input: str = ""  # folder/prefix of image files, or of Parquet image shards
     output: str = ""  # folder/prefix for Parquet label rows
     top_k: int = 5
-    batch_size: int = 64  # images per inference call
+    batch_size: int = 64  # images per predictor batch
     actors: int | None = None  # None: one per GPU, or a CPU-sized pool
     gpus_per_actor: float = 1.0
     device: Device = "auto"
@@ -204,7 +204,7 @@ class EvaluateConfig:
     data: str = ""  # a split of jobs.ingest shards, DST/test; classes.json sits in DST
     output: str = ""  # folder or prefix for the report files
     top_k: int = 5
-    batch_size: int = 64  # images per inference call
+    batch_size: int = 64  # images per predictor batch
     actors: int | None = None  # None: one per GPU, or a CPU-sized pool
     gpus_per_actor: float = 1.0
     device: Device = "auto"
