@@ -49,7 +49,7 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Pixels per onnxruntime call on a CPU: a few images' activations stay in cache. MobileNetV2,
-# 2 threads: 9.1 ms of CPU an image at 4 images (224 px) a call, 11.1 ms at 64 (RESULTS.md).
+# 2 threads: 9.0 ms of CPU an image at 4 images (224 px) a call, 9.8-11.1 ms at 64 (RESULTS.md).
 CALL_PIXELS = 4 * 224 * 224
 
 

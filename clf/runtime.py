@@ -31,7 +31,7 @@ WORKER_ALLOCATOR_ENV = {
 # Ray keeps one idle worker process per CPU and stops the others after a second idle. Tasks that
 # ask for no CPU, such as the label job's writes, run beside those, so each of them started a
 # fresh Python process (0.8 s of CPU): 7 s of CPU in a 6,000-image label run on 2 cores, and
-# 96 -> 106 img/s once kept. An embedded Ray keeps this many more; `ray start` reads
+# 99-101 -> 109-112 img/s once kept. An embedded Ray keeps this many more; `ray start` reads
 # RAY_num_workers_soft_limit (cluster/local-head.sh sets it).
 SPARE_WORKERS = 4
 

@@ -220,8 +220,8 @@ def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxrunt
 def test_the_onnx_cpu_classifier_runs_a_few_images_a_call_with_the_same_probabilities(
     all_formats, monkeypatch
 ):
-    """Small calls keep onnxruntime's activations in cache (RESULTS.md: 9.1 against 11.1 ms
-    of CPU an image); splitting a batch must not change any probability."""
+    """Small calls keep onnxruntime's activations in cache (RESULTS.md: 9.0 against 9.8-11.1
+    ms of CPU an image); splitting a batch must not change any probability."""
     _, _, folder = all_formats
     on_cpu = load_classifier(str(folder), prefer_gpu=False, threads=1)
     pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
