@@ -52,7 +52,7 @@ def child(folder: str, work: str) -> None:
     art = os.path.join(work, "art")
     # ONNX: the CPU format, and the 20k run takes half as long as with TorchScript.
     from_pretrained("mobilenet_v2", mobilenet_weights(), "imagenet", art, ("onnx",))
-    runtime.init_ray()
+    runtime.init_ray(streaming=True)  # as jobs.label does
     summary = label(
         LabelConfig(model=art, input=folder, output=os.path.join(work, "out")),
         progress=lambda line: print(line, flush=True),

@@ -35,6 +35,18 @@ WORKER_ALLOCATOR_ENV = {
 # RAY_num_workers_soft_limit (cluster/local-head.sh sets it).
 SPARE_WORKERS = 4
 
+# Ray's plasma allocator walks through the whole object store over a long run, and every page it
+# touches stays in shared memory. At Ray's default size (30% of RAM) a 20,000-image label run on
+# 2 cores had touched 648 MiB by its end and was still climbing; with 512 MiB it levelled off at
+# 145 MiB, spilled nothing, and ran as fast (benchmarks/label_memory.py). Jobs that stream
+# (label, evaluate) hold a few blocks in flight, so an embedded Ray for them gets this much.
+STREAMING_OBJECT_STORE_BYTES = 512 * 2**20
+# Ray's own settings for the default size; a user who set one has sized the store.
+OBJECT_STORE_ENV = (
+    "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION",
+    "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES",
+)
+
 # mallopt(3) parameters: the same settings for a process that is already running.
 _MALLOPT_PARAMS = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
 
@@ -68,13 +80,21 @@ def forwarded_env() -> dict[str, str]:
     return {**allocator, **own, **warnings}
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False) -> None:
+def init_ray(
+    num_cpus: int | None = None,
+    quiet: bool = True,
+    dashboard: bool = False,
+    streaming: bool = False,
+) -> None:
     """Join the running Ray cluster, else start an embedded one for this machine.
 
     ``dashboard``: the embedded Ray also serves the State API. Ray Train needs it: its
     placement-group cleaner asks every second whether the train controller still lives, and
     without the API it logs a warning each time and could not clean up after a dead controller.
     Other jobs skip it, saving ~1 s and a dozen processes.
+
+    ``streaming``: the job streams, so an embedded Ray gets ``STREAMING_OBJECT_STORE_BYTES`` of
+    object store. A cluster's store is the cluster's to size.
     """
     import ray
 
@@ -97,8 +117,12 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = 
         # interface; token auth guards them. A dashboard serves loopback only.
         cpus = num_cpus or os.cpu_count() or 1
         os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
+        sized_by_user = any(name in os.environ for name in OBJECT_STORE_ENV)
         ray.init(
             num_cpus=num_cpus,
+            object_store_memory=STREAMING_OBJECT_STORE_BYTES
+            if streaming and not sized_by_user
+            else None,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
             **common,

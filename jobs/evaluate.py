@@ -62,7 +62,7 @@ def main() -> None:
     cfg = cli.config_from_args(EvaluateConfig, args)
     target = check(cfg)
     if not target.is_baseline:  # the baseline runs in this process
-        runtime.init_ray()
+        runtime.init_ray(streaming=True)
     summary = evaluate(cfg, progress=cli.progress(args.json))
     m = summary.metrics
     errors = ", ".join(f"{r}: {n}" for r, n in summary.decode_errors.items()) or "none"

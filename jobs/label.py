@@ -74,7 +74,7 @@ def main() -> None:
     check_label(cfg)
     from clf.labeling import label
 
-    runtime.init_ray()
+    runtime.init_ray(streaming=True)
     summary = label(cfg, progress=cli.progress(args.json))
     errors = ", ".join(f"{reason}: {n}" for reason, n in summary.errors.items()) or "none"
     lines = [

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
 
-from clf import cli
+from clf import cli, runtime
 from clf.config import EvaluateConfig, IngestConfig, LabelConfig
 
 JOBS = ["ingest", "train", "export", "label", "evaluate", "predict"]
@@ -284,22 +284,38 @@ def test_labelling_into_another_jobs_output_is_refused_before_ray_starts(tmp_pat
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_ray_address_local_starts_the_jobs_own_embedded_ray():
-    """The same Ray as with no cluster running: sized as the job asks, dashboard on loopback."""
+def embedded_ray_resources(init_args: str, env: dict[str, str] | None = None) -> dict:
     code = (
-        "import ray; from clf import runtime; runtime.init_ray(num_cpus=1); "
-        "print(ray.cluster_resources()['CPU']); ray.shutdown()"
+        "import json, ray; from clf import runtime; "
+        f"runtime.init_ray({init_args}); print(json.dumps(ray.cluster_resources())); ray.shutdown()"
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**os.environ, "RAY_ADDRESS": "local"},
+        env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "1.0"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_ray_address_local_starts_the_jobs_own_embedded_ray():
+    """The same Ray as with no cluster running: sized as the job asks, dashboard on loopback."""
+    assert embedded_ray_resources("num_cpus=1")["CPU"] == 1.0
+
+
+def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the_user_sized_it():
+    """A long label run grows into the whole store (benchmarks/label_memory.py), so the jobs
+    that stream ask for a store of their size; Ray's own default-size settings still win."""
+    streaming = embedded_ray_resources("num_cpus=1, streaming=True")
+    assert streaming["object_store_memory"] == runtime.STREAMING_OBJECT_STORE_BYTES
+    user_max = 100 * 2**20
+    sized = embedded_ray_resources(
+        "num_cpus=1, streaming=True", {"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(user_max)}
+    )
+    assert sized["object_store_memory"] == user_max
 
 
 def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path):
