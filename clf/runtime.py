@@ -39,8 +39,11 @@ SPARE_WORKERS = 4
 # touches stays in shared memory. At Ray's default size (30% of RAM) a 20,000-image label run on
 # 2 cores had touched 648 MiB by its end and was still climbing; with 512 MiB it levelled off at
 # 145 MiB, spilled nothing, and ran as fast (benchmarks/label_memory.py). Jobs that stream
-# (label, evaluate) hold a few blocks in flight, so an embedded Ray for them gets this much.
-STREAMING_OBJECT_STORE_BYTES = 512 * 2**20
+# (label, evaluate) hold a few blocks in flight, so an embedded Ray for them gets this much, or
+# more on a bigger node: with no limit, 16 CPUs' worth of decode tasks held up to 235 MiB at once
+# (2 cores: 34 MiB), Ray Data lets a job use half the store, and a GPU's batches are bigger.
+STREAMING_OBJECT_STORE_MIN_BYTES = 512 * 2**20
+STREAMING_OBJECT_STORE_BYTES_PER_CPU = 64 * 2**20
 # Ray's own settings for the default size; a user who set one has sized the store.
 OBJECT_STORE_ENV = (
     "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION",
@@ -93,7 +96,7 @@ def init_ray(
     without the API it logs a warning each time and could not clean up after a dead controller.
     Other jobs skip it, saving ~1 s and a dozen processes.
 
-    ``streaming``: the job streams, so an embedded Ray gets ``STREAMING_OBJECT_STORE_BYTES`` of
+    ``streaming``: the job streams, so an embedded Ray gets ``streaming_object_store_bytes`` of
     object store. A cluster's store is the cluster's to size.
     """
     import ray
@@ -120,7 +123,7 @@ def init_ray(
         sized_by_user = any(name in os.environ for name in OBJECT_STORE_ENV)
         ray.init(
             num_cpus=num_cpus,
-            object_store_memory=STREAMING_OBJECT_STORE_BYTES
+            object_store_memory=streaming_object_store_bytes(cpus)
             if streaming and not sized_by_user
             else None,
             include_dashboard=dashboard,
@@ -129,6 +132,10 @@ def init_ray(
         )
     if quiet:
         quiet_ray_logs()
+
+
+def streaming_object_store_bytes(cpus: int) -> int:
+    return max(STREAMING_OBJECT_STORE_MIN_BYTES, cpus * STREAMING_OBJECT_STORE_BYTES_PER_CPU)
 
 
 # Lines Ray logs in every run that tell a user of these jobs nothing, or mislead them.

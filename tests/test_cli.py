@@ -310,12 +310,18 @@ def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the
     """A long label run grows into the whole store (benchmarks/label_memory.py), so the jobs
     that stream ask for a store of their size; Ray's own default-size settings still win."""
     streaming = embedded_ray_resources("num_cpus=1, streaming=True")
-    assert streaming["object_store_memory"] == runtime.STREAMING_OBJECT_STORE_BYTES
+    assert streaming["object_store_memory"] == runtime.streaming_object_store_bytes(1) == 2**29
     user_max = 100 * 2**20
     sized = embedded_ray_resources(
         "num_cpus=1, streaming=True", {"RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(user_max)}
     )
     assert sized["object_store_memory"] == user_max
+
+
+def test_a_streaming_jobs_object_store_grows_with_the_cpus_above_its_floor():
+    assert runtime.streaming_object_store_bytes(2) == 512 * 2**20
+    assert runtime.streaming_object_store_bytes(8) == 512 * 2**20
+    assert runtime.streaming_object_store_bytes(16) == 1024 * 2**20
 
 
 def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path):
