@@ -118,7 +118,7 @@ def init_ray(
         # None running: an embedded Ray for this machine only, which no other node joins. Ray
         # advertises the machine's address even when told 127.0.0.1, and its ports bind every
         # interface; token auth guards them. A dashboard serves loopback only.
-        cpus = num_cpus or os.cpu_count() or 1
+        cpus = num_cpus or int(ray._private.utils.get_num_cpus())  # as Ray counts: cgroup quotas
         os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
         sized_by_user = any(name in os.environ for name in OBJECT_STORE_ENV)
         ray.init(
@@ -135,7 +135,12 @@ def init_ray(
 
 
 def streaming_object_store_bytes(cpus: int) -> int:
-    return max(STREAMING_OBJECT_STORE_MIN_BYTES, cpus * STREAMING_OBJECT_STORE_BYTES_PER_CPU)
+    """The store for a streaming job on ``cpus`` CPUs, never more than Ray's own default for
+    this machine (a container may show more CPUs than its memory could serve)."""
+    from ray._private.utils import estimate_available_memory, resolve_object_store_memory
+
+    wanted = max(STREAMING_OBJECT_STORE_MIN_BYTES, cpus * STREAMING_OBJECT_STORE_BYTES_PER_CPU)
+    return min(wanted, resolve_object_store_memory(estimate_available_memory()))
 
 
 # Lines Ray logs in every run that tell a user of these jobs nothing, or mislead them.

@@ -318,10 +318,15 @@ def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the
     assert sized["object_store_memory"] == user_max
 
 
-def test_a_streaming_jobs_object_store_grows_with_the_cpus_above_its_floor():
+def test_a_streaming_jobs_object_store_grows_with_the_cpus_from_its_floor_to_rays_default(monkeypatch):
     assert runtime.streaming_object_store_bytes(2) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(8) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(16) == 1024 * 2**20
+    # ...but never past Ray's own default: 64 CPUs' worth on a machine with 2 GiB available
+    import ray._private.utils as ray_utils
+
+    monkeypatch.setattr(ray_utils, "estimate_available_memory", lambda: 2 * 2**30)
+    assert runtime.streaming_object_store_bytes(64) == int(2 * 2**30 * 0.3)
 
 
 def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path):
