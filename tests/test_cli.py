@@ -318,7 +318,7 @@ def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the
     assert sized["object_store_memory"] == user_max
 
 
-def test_a_streaming_jobs_object_store_grows_with_the_cpus_from_its_floor_to_rays_default(monkeypatch):
+def test_a_streaming_jobs_store_grows_with_the_cpus_from_a_floor_to_rays_default(monkeypatch):
     assert runtime.streaming_object_store_bytes(2) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(8) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(16) == 1024 * 2**20
