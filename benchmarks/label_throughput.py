@@ -372,10 +372,10 @@ def main() -> None:
             rates[method] = measure(method, files, env, args.arch, weights)
             print(f"  {env_name:<7} {method:<14} {rates[method]:7.1f} img/s", flush=True)
         peers = {m: r for m, r in rates.items() if m in ("seeds", "pytorch", "ray-docs")}
-        fastest = max(peers, key=peers.get) if peers else None
-        print(f"\n== {env_name} environment (fastest of a-c: {fastest}) ==")
+        fastest_peer = max(peers, key=peers.get) if peers else None
+        print(f"\n== {env_name} environment (fastest of a-c: {fastest_peer}) ==")
         for method, rate in rates.items():
-            ratio = f"  {rate / peers[fastest]:5.2f}x fastest a-c" if fastest else ""
+            ratio = f"  {rate / peers[fastest_peer]:5.2f}x fastest a-c" if fastest_peer else ""
             print(f"{method:<14} {rate:7.1f} img/s{ratio}")
         if "jobs.label" in rates:
             mine = rates["jobs.label"]

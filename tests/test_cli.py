@@ -319,12 +319,13 @@ def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the
 
 
 def test_a_streaming_jobs_store_grows_with_the_cpus_from_a_floor_to_rays_default(monkeypatch):
+    import ray._private.utils as ray_utils
+
+    monkeypatch.setattr(ray_utils, "estimate_available_memory", lambda: 64 * 2**30)
     assert runtime.streaming_object_store_bytes(2) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(8) == 512 * 2**20
     assert runtime.streaming_object_store_bytes(16) == 1024 * 2**20
     # ...but never past Ray's own default: 64 CPUs' worth on a machine with 2 GiB available
-    import ray._private.utils as ray_utils
-
     monkeypatch.setattr(ray_utils, "estimate_available_memory", lambda: 2 * 2**30)
     assert runtime.streaming_object_store_bytes(64) == int(2 * 2**30 * 0.3)
 
