@@ -159,6 +159,32 @@ def test_an_epoch_line_is_written_only_for_a_committed_checkpoint_and_only_once(
     assert [(r["epoch"], r["start_epoch"]) for r in metrics.read(run)] == [(0, 0), (1, 0), (1, 1)]
 
 
+def test_tensorboard_events_of_a_local_run_are_written_under_its_folder(tmp_path):
+    board = metrics.TensorBoard(str(tmp_path))
+    board.log({**{key: 0.5 for key in metrics.TensorBoard.SCALARS}, "epoch": 0})
+    board.close()
+    assert [
+        name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard")
+    ] == [True]
+
+
+def test_tensorboard_events_of_an_s3_run_land_in_the_bucket_and_leave_no_local_folder(bucket):
+    run = f"{bucket}/runs/a"
+    board = metrics.TensorBoard(run)
+    row = {key: 0.5 for key in metrics.TensorBoard.SCALARS}
+    board.log({**row, "epoch": 0})
+    board.log({**row, "epoch": 1})
+    staging = board.logdir
+    events = storage.list_files(f"{run}/tensorboard")
+    assert len(events) == 1 and "tfevents" in events[0]
+    assert (
+        storage.read_bytes(events[0])
+        == open(os.path.join(staging, os.listdir(staging)[0]), "rb").read()
+    )
+    board.close()
+    assert not os.path.exists(staging)
+
+
 def test_dataset_statistics_are_measured_on_real_train_images(hymenoptera_shards):
     spec = channel_stats(hymenoptera_shards, Preprocess(64, 72), limit=64)
     assert spec.input_size == 64

@@ -250,6 +250,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_epoch(state, row, rank, cfg, board, stopping=stop)
         if stop:
             break
+    if board is not None:
+        board.close()
 
 
 @torch.no_grad()

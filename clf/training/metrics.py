@@ -81,7 +81,8 @@ class TensorBoard:
     """Per-epoch scalars as TensorBoard event files under ``RUN/tensorboard``.
 
     The writer needs a local folder, so for an ``s3://`` run the events are written to a temporary
-    folder and its files are copied up after every epoch.
+    folder, copied up after every epoch, and removed with it on ``close`` (or when the writer is
+    collected, if training fails first).
     """
 
     SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
@@ -92,11 +93,9 @@ class TensorBoard:
         from tensorboardX import SummaryWriter
 
         self.remote = storage.join(run, "tensorboard") if run.startswith("s3://") else None
-        logdir = (
-            tempfile.mkdtemp(prefix="clf-tb-") if self.remote else storage.join(run, "tensorboard")
-        )
-        self.logdir = logdir
-        self.writer = SummaryWriter(logdir)
+        self._staging = tempfile.TemporaryDirectory(prefix="clf-tb-") if self.remote else None
+        self.logdir = self._staging.name if self._staging else storage.join(run, "tensorboard")
+        self.writer = SummaryWriter(self.logdir)
 
     def log(self, row: dict[str, Any]) -> None:
         for key in self.SCALARS:
@@ -108,3 +107,8 @@ class TensorBoard:
             for name in os.listdir(self.logdir):
                 with open(os.path.join(self.logdir, name), "rb") as f:
                     storage.write_bytes(storage.join(self.remote, name), f.read())
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._staging:
+            self._staging.cleanup()
