@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks._jobs import mobilenet_weights
+from benchmarks._jobs import mobilenet_weights, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
@@ -83,7 +83,7 @@ def tree_pss(root: psutil.Process) -> int:
 
 def measure(count: int) -> dict:
     folder = corpus(os.path.join(tempfile.gettempdir(), f"clf-memory-bench-{count}"), count)
-    work = tempfile.mkdtemp(prefix="clf-memory-")
+    work = scratch_dir("clf-memory-")
     code = f"from benchmarks.label_memory import child; child({folder!r}, {work!r})"
     process = subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks._jobs import environments, mobilenet_weights
+from benchmarks._jobs import environments, mobilenet_weights, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
@@ -260,7 +260,7 @@ def run_bound(files: list[str], out: str, arch: str, weights: str) -> float:
 def export_artifact(arch: str, weights: str) -> str:
     """The artifact jobs.label runs: ONNX on a CPU, where on one thread onnxruntime outruns
     eager PyTorch on two (RESULTS.md); TorchScript on a GPU."""
-    art = os.path.join(tempfile.mkdtemp(prefix="bench-label-"), "art")
+    art = os.path.join(scratch_dir("bench-label-"), "art")
     subprocess.run(
         [sys.executable, "-m", "jobs.export", "--model", arch, "--pretrained", weights]
         + ["--classes", "imagenet", "--format", "torchscript" if gpu() else "onnx"]
@@ -325,9 +325,9 @@ RUNNERS = {
 
 
 def measure(method: str, files: list[str], env: dict[str, str], arch: str, weights: str) -> float:
-    out = tempfile.mkdtemp(prefix=f"bench-{method}-")
-    output = out if method in ("jobs.label", "ray-docs") else os.path.join(out, "rows.parquet")
-    listing = f"{out}.files.json"
+    out = scratch_dir(f"bench-{method}-")
+    output = os.path.join(out, "rows" if method in ("jobs.label", "ray-docs") else "rows.parquet")
+    listing = os.path.join(out, "files.json")
     with open(listing, "w") as f:
         json.dump(files, f)
     code = (

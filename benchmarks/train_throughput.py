@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._jobs import environments, mobilenet_weights
+from benchmarks._jobs import environments, mobilenet_weights, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -182,7 +182,7 @@ def run_ray(args, data_pattern: bool) -> dict:
         scaling_config=ray.train.ScalingConfig(
             num_workers=2, resources_per_worker={"CPU": 0.5} if data_pattern else None
         ),
-        run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-ray-")),
+        run_config=ray.train.RunConfig(storage_path=scratch_dir("bench-ray-")),
         datasets=datasets,
     )
     trainer.fit()
@@ -193,7 +193,7 @@ def run_ray(args, data_pattern: bool) -> dict:
 def run_jobs_train(args) -> dict:
     from clf.ingest import IngestConfig, ingest
 
-    work = tempfile.mkdtemp(prefix="bench-jobs-")
+    work = scratch_dir("bench-jobs-")
     shards, run = os.path.join(work, "shards"), os.path.join(work, "run")
     ingest(IngestConfig(src=args.data, dst=shards))
     subprocess.run(
