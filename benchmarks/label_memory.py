@@ -25,19 +25,9 @@ from pathlib import Path
 import psutil
 
 from benchmarks._jobs import mobilenet_weights, scratch_dir
+from benchmarks.label_throughput import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT.parent / "shared" / "data" / "imagenet-samples"
-
-
-def corpus(folder: str, count: int) -> str:
-    names = sorted(os.listdir(SAMPLES))
-    os.makedirs(folder, exist_ok=True)
-    for i in range(count):
-        path = os.path.join(folder, f"{i:06d}_{names[i % len(names)]}")
-        if not os.path.exists(path):
-            os.link(SAMPLES / names[i % len(names)], path)
-    return folder
 
 
 def child(folder: str, work: str) -> None:
@@ -82,7 +72,8 @@ def tree_pss(root: psutil.Process) -> int:
 
 
 def measure(count: int) -> dict:
-    folder = corpus(os.path.join(tempfile.gettempdir(), f"clf-memory-bench-{count}"), count)
+    folder = os.path.join(tempfile.gettempdir(), f"clf-memory-bench-{count}")
+    corpus(folder, count)
     work = scratch_dir("clf-memory-")
     code = f"from benchmarks.label_memory import child; child({folder!r}, {work!r})"
     process = subprocess.Popen(
