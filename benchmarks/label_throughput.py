@@ -53,8 +53,8 @@ def corpus(folder: str, count: int, samples: str = str(SAMPLES)) -> list[str]:
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(count):
-        source = os.path.join(samples, names[i % len(names)])
-        path = os.path.join(folder, f"{i:06d}_{names[i % len(names)]}")
+        name = names[i % len(names)]
+        source, path = os.path.join(samples, name), os.path.join(folder, f"{i:06d}_{name}")
         if not os.path.exists(path):
             try:
                 os.link(source, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,9 +164,8 @@ def test_tensorboard_events_of_a_local_run_are_written_under_its_folder(tmp_path
     board = metrics.TensorBoard(str(tmp_path))
     board.log({**{key: 0.5 for key in metrics.TensorBoard.SCALARS}, "epoch": 0})
     board.close()
-    assert [
-        name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard")
-    ] == [True]
+    (events,) = os.listdir(tmp_path / "tensorboard")
+    assert events.startswith("events.out.tfevents")
 
 
 def test_tensorboard_events_of_an_s3_run_land_in_the_bucket_and_leave_no_local_folder(bucket):
@@ -174,13 +174,11 @@ def test_tensorboard_events_of_an_s3_run_land_in_the_bucket_and_leave_no_local_f
     row = {key: 0.5 for key in metrics.TensorBoard.SCALARS}
     board.log({**row, "epoch": 0})
     board.log({**row, "epoch": 1})
-    staging = board.logdir
-    events = storage.list_files(f"{run}/tensorboard")
-    assert len(events) == 1 and "tfevents" in events[0]
-    assert (
-        storage.read_bytes(events[0])
-        == open(os.path.join(staging, os.listdir(staging)[0]), "rb").read()
-    )
+    staging = Path(board.logdir)
+    (events,) = storage.list_files(f"{run}/tensorboard")
+    (staged,) = staging.iterdir()
+    assert "tfevents" in events
+    assert storage.read_bytes(events) == staged.read_bytes()
     board.close()
     assert not os.path.exists(staging)
 
