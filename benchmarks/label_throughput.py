@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -311,14 +312,16 @@ def run_jobs_label(files: list[str], out: str, arch: str, weights: str) -> float
     art = export_artifact(arch, weights)
     done = subprocess.run(
         [sys.executable, "-m", "jobs.label", "--model", art, "--input", os.path.dirname(files[0])]
-        + ["--output", out, "--json"],
+        + ["--output", out, "--json"]
+        + shlex.split(os.environ.get("CLF_BENCH_LABEL_ARGS", "")),
         cwd=ROOT,
         check=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,  # the summary line; progress goes on to stderr, live
         text=True,
     )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["labelled"] == len(files), summary
+    print(f"  jobs.label summary: {json.dumps(summary)}")
     return summary["seconds"]
 
 
@@ -343,11 +346,12 @@ def measure(method: str, files: list[str], env: dict[str, str], arch: str, weigh
         f"files = json.load(open({listing!r})); "
         f"print(json.dumps(RUNNERS[{method!r}](files, {output!r}, {arch!r}, {weights!r})))"
     )
+    # stderr passes through: a long run shows its progress, and a failure its traceback.
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
     if done.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{method} failed with exit code {done.returncode} (stderr above)")
     for line in done.stdout.splitlines()[:-1]:
         print(line)
     return len(files) / float(done.stdout.strip().splitlines()[-1])
@@ -361,7 +365,13 @@ def main() -> None:
     p.add_argument("--arch", default="mobilenet_v2", help="a torchvision model name")
     p.add_argument("--random-init", action="store_true", help="seeded random weights")
     p.add_argument("--samples", default=str(SAMPLES), help="folder of JPEGs to cycle")
+    p.add_argument(
+        "--label-args",
+        default="",
+        help="extra jobs.label flags, e.g. '--gpus-per-actor 0.25 --batch-size 256'",
+    )
     args = p.parse_args()
+    os.environ["CLF_BENCH_LABEL_ARGS"] = args.label_args
     weights = weights_file(args.arch, args.random_init or args.arch != "mobilenet_v2")
     folder = os.path.join(tempfile.gettempdir(), f"clf-label-bench-{args.images}")
     files = corpus(folder, args.images, args.samples)
@@ -373,6 +383,7 @@ def main() -> None:
     print(
         f"label throughput: {args.arch} ({os.path.basename(weights)}), {args.images} real JPEGs, "
         f"{os.cpu_count()} CPUs, {device}, {time.strftime('%Y-%m-%d')}"
+        + (f"; jobs.label {args.label_args}" if args.label_args else "")
     )
     for env_name, env in environments(args.envs):
         rates = {}

@@ -8,6 +8,7 @@ so a job killed at any moment and re-run labels only what no committed file cove
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -32,6 +33,7 @@ from clf.preprocess import Preprocess
 # Write tasks in flight at once: each commits one file, and they wait on storage, not a CPU.
 # They ask for no CPU, so they run in the spare workers an embedded Ray keeps.
 WRITE_TASKS = runtime.SPARE_WORKERS
+MAX_ROWS_PER_INPUT_BLOCK = 128
 
 
 @dataclass
@@ -268,6 +270,17 @@ def model_threads(actors: int, gpu: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
 
 
+def input_blocks(count: int) -> int:
+    """Blocks for ``count`` listed files: Ray's own minimum, or more so that none holds over
+    ``MAX_ROWS_PER_INPUT_BLOCK``. A decode task turns its block into one output of bytes or
+    pixels, so blocks of thousands of files made outputs of a hundred megabytes and more, which
+    a streaming job's small object store spilled while the predictors waited."""
+    from ray.data import DataContext
+
+    floor = DataContext.get_current().read_op_min_num_blocks
+    return max(1, min(count, max(floor, math.ceil(count / MAX_ROWS_PER_INPUT_BLOCK))))
+
+
 def decode_then_infer(
     ds, decode_fn, meta, actor_cls, actor_kwargs, cfg: LabelConfig | EvaluateConfig, gpu, actors
 ):
@@ -335,7 +348,9 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         )
         actors = pool_size(cfg, gpu)
         if inputs.kind == "files":
-            ds = ray.data.from_items([{"uri": u} for u in todo])
+            ds = ray.data.from_items(
+                [{"uri": u} for u in todo], override_num_blocks=input_blocks(len(todo))
+            )
         else:
             ds = _shard_rows(inputs, set(todo))
         ds = decode_then_infer(

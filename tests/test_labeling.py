@@ -15,7 +15,14 @@ from clf.artifact_meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
 from clf.device_decode import decode_on_device
 from clf.label_sink import LABEL_SCHEMA, AtomicParquetSink, part_name
-from clf.labeling import CommitProgress, Predictor, list_inputs, model_threads
+from clf.labeling import (
+    MAX_ROWS_PER_INPUT_BLOCK,
+    CommitProgress,
+    Predictor,
+    input_blocks,
+    list_inputs,
+    model_threads,
+)
 from clf.models import create_model
 from clf.preprocess import Preprocess
 
@@ -116,6 +123,18 @@ def test_each_cpu_actor_gets_its_share_of_the_cores_and_a_gpu_actor_one(
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cpus)})
     assert model_threads(actors, gpu) == threads
+
+
+@pytest.mark.parametrize("count", [1, 6, 150, 6_000, 64_000, 300_000, 1_000_001])
+def test_listed_files_travel_in_blocks_small_enough_to_stream_and_never_fewer_than_rays_floor(
+    count,
+):
+    from ray.data import DataContext
+
+    blocks = input_blocks(count)
+    assert blocks <= count
+    assert -(-count // blocks) <= MAX_ROWS_PER_INPUT_BLOCK
+    assert blocks >= min(count, DataContext.get_current().read_op_min_num_blocks)
 
 
 def test_the_sink_commits_each_write_calls_blocks_as_one_file_named_by_its_inputs(tmp_path):
