@@ -11,7 +11,12 @@ fraction of them fails the way object stores and networks fail:
   connection, for the clients' timeouts).
 
 The sequence of faults by request number is fixed by the seed; ``counts`` says how many
-requests and faults there were, so a test can show that faults did happen.
+requests and faults there were, so a test can show that faults did happen, and ``calls`` how
+many requests of each S3 call (``GetObject``, ``HeadObject``, ``ListObjects``, ``other``) came,
+and ``most_in_flight`` how many were answered at once at most. ``delay_s`` holds every request
+that long before it is answered: the round trip of a real object store, for the benchmarks.
+``before_forward(method, path)``, if set, runs before a request goes upstream: a test can
+change the store between a job's listing and its reads.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -57,6 +63,7 @@ class FaultProxy:
         stall_s: float = 30.0,
         fail_first: int = 0,
         methods: tuple[str, ...] = (),
+        delay_s: float = 0.0,
     ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
@@ -65,8 +72,12 @@ class FaultProxy:
         self.stall_s = stall_s
         self.fail_first = fail_first  # the first N requests all fail, whatever the rate
         self.methods = methods  # only requests with these methods fail (default: all)
+        self.delay_s = delay_s
+        self.before_forward: Callable[[str, str], None] | None = None
         self._eligible = 0
         self.counts: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self.in_flight = self.most_in_flight = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -96,9 +107,21 @@ class FaultProxy:
         finally:
             self.rate = rate
 
-    def decide(self, method: str) -> str | None:
+    @contextlib.contextmanager
+    def answering(self):
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def decide(self, method: str, path: str) -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            self.calls[s3_call(method, path)] += 1
             if self.methods and method not in self.methods:
                 return None
             self._eligible += 1
@@ -112,14 +135,29 @@ class FaultProxy:
             return kind
 
 
+def s3_call(method: str, path: str) -> str:
+    """The S3 call a path-style request makes: an object's GET or HEAD, a listing, or other."""
+    parts = urlsplit(path)
+    has_key = "/" in parts.path.strip("/")
+    if method == "GET" and not has_key and "list-type" in parts.query:
+        return "ListObjects"
+    if method in ("GET", "HEAD") and has_key and not parts.query:
+        return "GetObject" if method == "GET" else "HeadObject"
+    return "other"
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and 100 Continue for Expect headers
+    # Headers and body leave in two writes; with Nagle's algorithm the body waited for the
+    # client's delayed ACK of the headers, 40 ms on every request.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # quiet
         pass
 
     def do_GET(self):
-        self._proxy()
+        with self.server.proxy.answering():
+            self._proxy()
 
     do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
@@ -145,12 +183,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         body = self._read_body()
         proxy: FaultProxy = self.server.proxy
-        fault = proxy.decide(self.command)
+        fault = proxy.decide(self.command, self.path)
+        if proxy.delay_s:
+            time.sleep(proxy.delay_s)
         if fault == "stall":
             time.sleep(proxy.stall_s)
         if fault in ("reset", "stall"):
             self._reset()
             return
+        if proxy.before_forward and fault is None:
+            proxy.before_forward(self.command, self.path)
         if fault == "slow_down":
             self.send_response(503, "Slow Down")
             self.send_header("Content-Type", "application/xml")
