@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from clf import runtime, storage
+from clf.config import MAX_READ_CONCURRENCY
 from clf.errors import ClfError, UsageError
 
 
@@ -70,6 +71,23 @@ def add_actor_pool_flags(p: argparse.ArgumentParser, role: str, config: type) ->
         default=config.device,
         help=f"where {role}s run; auto: on GPUs if the cluster has or can start GPU nodes",
     )
+
+
+def add_read_concurrency_flag(p: argparse.ArgumentParser, config: type, per: str) -> None:
+    p.add_argument(
+        "--read-concurrency",
+        type=read_concurrency,
+        default=config.read_concurrency,
+        help=f"image reads in flight {per}: an object store answers each in tens of "
+        "milliseconds, so reads overlap one another and the decoding",
+    )
+
+
+def read_concurrency(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_READ_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_READ_CONCURRENCY}, got {value}")
+    return value
 
 
 def location(text: str) -> str:

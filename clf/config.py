@@ -21,6 +21,11 @@ Device = Literal["auto", "cpu", "cuda"]
 Decode = Literal["auto", "cpu", "gpu"]
 BASELINE_MODEL = "hog_svm"  # the classical baseline's name wherever a model name is taken
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
+# Object reads in flight per decode task or ingest: enough to hide an object store's round
+# trips behind decoding (benchmarks/s3_throughput.py), few enough that the bytes waiting stay
+# small. Each object waits in memory until its turn.
+DEFAULT_READ_CONCURRENCY = 32
+MAX_READ_CONCURRENCY = 256
 
 
 @dataclass
@@ -153,6 +158,7 @@ class IngestConfig:
     shard_size: int = 1000  # images per Parquet shard
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY  # source images read at once
 
     def validate(self) -> IngestConfig:
         for key in ("val_fraction", "test_fraction"):
@@ -162,6 +168,7 @@ class IngestConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise UsageError("--val-fraction plus --test-fraction must be below 1")
         _positive(self, "shard_size", "max_pixels")
+        _read_concurrency(self.read_concurrency)
         return self
 
 
@@ -177,7 +184,9 @@ class LabelConfig:
     device: Device = "auto"
     skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_batch_size: int = 32  # images per CPU decode task
+    # Images per decode batch of shard rows, and the fewest per decode task of listed files.
+    decode_batch_size: int = 32
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY  # object reads in flight per decode task
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
     rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
@@ -195,6 +204,7 @@ class LabelConfig:
         )
         if self.actors is not None and self.actors < 1:
             raise UsageError(f"--actors must be at least 1, got {self.actors}")
+        _read_concurrency(self.read_concurrency)
         return self
 
 
@@ -385,6 +395,11 @@ def _positive(config: Any, *keys: str) -> None:
     for key in keys:
         if not 0 < get_key(config, key) < math.inf:
             raise UsageError(f"config key {key}: must be positive, got {get_key(config, key)}")
+
+
+def _read_concurrency(value: int) -> None:
+    if not 1 <= value <= MAX_READ_CONCURRENCY:
+        raise UsageError(f"--read-concurrency must be in [1, {MAX_READ_CONCURRENCY}], got {value}")
 
 
 def _at_least(config: Any, low: float, *keys: str) -> None:

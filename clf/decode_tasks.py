@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from clf import storage
+from clf.config import DEFAULT_READ_CONCURRENCY
 from clf.decode import DecodeError
 from clf.preprocess import Preprocess, eval_pixels
 
@@ -21,18 +23,24 @@ from clf.preprocess import Preprocess, eval_pixels
 # a batch of them would take gigabytes of GPU memory.
 MAX_DEVICE_PIXELS = 16_000_000
 EXIF_ORIENTATION = 0x0112
+Contents = Iterator[Callable[[], bytes]]  # each row's bytes, as a call that may raise
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
+    batch: dict[str, np.ndarray],
+    preprocess: dict,
+    max_pixels: int,
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
-    """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. Never raises."""
+    """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. A batch of listed
+    files is read with ``read_concurrency`` reads kept in flight ahead of the decoding. Never
+    raises, but for a storage fault that outlived its retries."""
     spec = Preprocess.from_meta(preprocess)
     pixels = np.zeros((len(batch["uri"]), 3, spec.crop, spec.crop), dtype=np.uint8)
     errors = []
-    for i, uri in enumerate(batch["uri"]):
+    for i, content in enumerate(_contents(batch, read_concurrency)):
         try:
-            pixels[i] = eval_pixels(_read(batch, i, uri), spec, max_pixels)
+            pixels[i] = eval_pixels(content(), spec, max_pixels)
             errors.append("")
         except storage.TransientStorageError:
             raise  # Ray retries the task; a row would make a passing fault the input's answer
@@ -42,16 +50,20 @@ def decode_batch(
 
 
 def read_batch(
-    batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int
+    batch: dict[str, np.ndarray],
+    preprocess: dict,
+    max_pixels: int,
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
     """CPU task when the predictor decodes on its GPU: a JPEG that suits nvJPEG travels as its
     bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels
-    as the crop's raw pixels (kind ``pixels``). Never raises."""
+    as the crop's raw pixels (kind ``pixels``). Never raises, but for a storage fault that
+    outlived its retries."""
     spec = Preprocess.from_meta(preprocess)
     payload, kinds, errors = [], [], []
-    for i, uri in enumerate(batch["uri"]):
+    for content in _contents(batch, read_concurrency):
         try:
-            data = _read(batch, i, uri)
+            data = content()
             if suits_device(data, max_pixels):
                 payload.append(data)
                 kinds.append("jpeg")
@@ -107,8 +119,12 @@ def suits_device(data: bytes, max_pixels: int) -> bool:
         return False
 
 
-def _read(batch: dict[str, np.ndarray], i: int, uri: str) -> bytes:
-    return batch["image"][i] if "image" in batch else storage.read_bytes(uri)
+def _contents(batch: dict[str, np.ndarray], concurrency: int) -> Contents:
+    """Each row's bytes, as a call that returns them or raises why it cannot: a shard row
+    carries its image, and listed files are read with ``concurrency`` reads in flight."""
+    if "image" in batch:
+        return ((lambda data=data: data) for data in batch["image"])
+    return (read.result for read in storage.read_many(list(batch["uri"]), concurrency))
 
 
 def _reason(error: Exception) -> str:

@@ -228,6 +228,7 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
         cfg,
         gpu,
         actors,
+        decode_batch_size=cfg.decode_batch_size,
     )
     progress(
         f"[evaluate] {target.images} images -> {actors} scorer actor(s) on {'GPU' if gpu else 'CPU'}"

@@ -13,14 +13,13 @@ import posixpath
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import storage
-from clf.config import IngestConfig
+from clf.config import DEFAULT_READ_CONCURRENCY, IngestConfig
 from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
 
@@ -49,6 +48,7 @@ class ShardPlan:
     dst: str  # full URI of the shard file
     items: list[Item]
     max_pixels: int
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY
 
 
 @dataclass
@@ -152,6 +152,7 @@ def shard_plans(cfg: IngestConfig, items: dict[str, list[Item]]) -> list[ShardPl
                     dst=storage.join(cfg.dst, split, name),
                     items=members[start : start + cfg.shard_size],
                     max_pixels=cfg.max_pixels,
+                    read_concurrency=cfg.read_concurrency,
                 )
             )
     return plans
@@ -169,24 +170,23 @@ def check_image(data: bytes, max_pixels: int) -> str | None:
 def write_shard(plan: ShardPlan) -> ShardResult:
     """Read, check and write one shard. The original bytes are stored, never re-encoded."""
 
-    def load(item: Item) -> tuple[Item, bytes | None, str | None]:
-        try:
-            data = storage.read_bytes(storage.join(plan.src, item.key))
-        except storage.StorageError as e:
-            return item, None, str(e)
-        return item, data, check_image(data, plan.max_pixels)
-
     rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     result = ShardResult(plan.split, plan.dst, 0)
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound; Pillow decodes outside the GIL
-        for item, data, reason in pool.map(load, plan.items):
-            if reason:
-                result.rejected.append({"key": item.key, "reason": reason})
-                continue
-            rows["key"].append(item.key)
-            rows["image"].append(data)
-            rows["label"].append(item.label)
-            rows["label_name"].append(item.label_name)
+    uris = [storage.join(plan.src, item.key) for item in plan.items]
+    for item, read in zip(plan.items, storage.read_many(uris, plan.read_concurrency)):
+        try:
+            data = read.result()
+        except storage.StorageError as e:
+            result.rejected.append({"key": item.key, "reason": str(e)})
+            continue
+        reason = check_image(data, plan.max_pixels)
+        if reason:
+            result.rejected.append({"key": item.key, "reason": reason})
+            continue
+        rows["key"].append(item.key)
+        rows["image"].append(data)
+        rows["label"].append(item.label)
+        rows["label_name"].append(item.label_name)
     sink = io.BytesIO()
     pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), sink, compression="none")
     storage.write_bytes(plan.dst, sink.getvalue())

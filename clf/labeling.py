@@ -33,7 +33,12 @@ from clf.preprocess import Preprocess
 # Write tasks in flight at once: each commits one file, and they wait on storage, not a CPU.
 # They ask for no CPU, so they run in the spare workers an embedded Ray keeps.
 WRITE_TASKS = runtime.SPARE_WORKERS
-MAX_ROWS_PER_INPUT_BLOCK = 128
+# The size of a decode task of listed files (``files_per_task``). Its output is one block in
+# the object store, which a streaming job keeps small: blocks of thousands of photos starved
+# a GPU node's predictors.
+MAX_FILES_PER_TASK = 256
+MAX_TASK_OUTPUT_BYTES = 16 << 20
+TASKS_PER_CPU = 4
 
 
 @dataclass
@@ -270,22 +275,32 @@ def model_threads(actors: int, gpu: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
 
 
-def input_blocks(count: int) -> int:
-    """Blocks for ``count`` listed files: Ray's own minimum, or more so that none holds over
-    ``MAX_ROWS_PER_INPUT_BLOCK``. A decode task turns its block into one output of bytes or
-    pixels, so blocks of thousands of files made outputs of a hundred megabytes and more, which
-    a streaming job's small object store spilled while the predictors waited."""
-    from ray.data import DataContext
-
-    floor = DataContext.get_current().read_op_min_num_blocks
-    return max(1, min(count, max(floor, math.ceil(count / MAX_ROWS_PER_INPUT_BLOCK))))
+def files_per_task(count: int, cpus: int, crop: int, least: int) -> int:
+    """Listed files per decode task, which reads and decodes them as one batch into one block.
+    A task's reads ramp up anew, paying an object store's round trip once a task: so tasks are
+    as large as ``MAX_FILES_PER_TASK`` and ``MAX_TASK_OUTPUT_BYTES`` of pixels allow, but never
+    fewer than ``TASKS_PER_CPU`` per CPU, so that a small input still streams to the model and
+    commits as it goes, and never under ``least``."""
+    largest = min(MAX_FILES_PER_TASK, MAX_TASK_OUTPUT_BYTES // (3 * crop * crop))
+    return max(least, min(largest, math.ceil(count / (TASKS_PER_CPU * cpus))))
 
 
 def decode_then_infer(
-    ds, decode_fn, meta, actor_cls, actor_kwargs, cfg: LabelConfig | EvaluateConfig, gpu, actors
+    ds,
+    decode_fn,
+    meta,
+    actor_cls,
+    actor_kwargs,
+    cfg: LabelConfig | EvaluateConfig,
+    gpu,
+    actors,
+    *,
+    decode_batch_size: int | None,
+    decode_kwargs: dict[str, Any] | None = None,
 ):
     """CPU decode tasks, then an actor pool that loads the model once: jobs.label and
-    jobs.evaluate share this stage, so the model never waits on JPEG decoding in either."""
+    jobs.evaluate share this stage, so the model never waits on JPEG decoding in either.
+    ``decode_batch_size`` None gives each decode task one whole block as its batch."""
     from ray.data import ActorPoolStrategy
 
     with warnings.catch_warnings():
@@ -298,8 +313,9 @@ def decode_then_infer(
             fn_kwargs={
                 "preprocess": Preprocess.from_meta(meta).to_meta(),
                 "max_pixels": cfg.max_pixels,
+                **(decode_kwargs or {}),
             },
-            batch_size=cfg.decode_batch_size,
+            batch_size=decode_batch_size,
             num_cpus=1,
             # Retry a decode task whose worker died a few times, not forever (Ray Data's
             # default). Per-task remote args also keep Ray from fusing decode into the actors.
@@ -348,8 +364,11 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
         )
         actors = pool_size(cfg, gpu)
         if inputs.kind == "files":
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            crop = Preprocess.from_meta(meta).crop
+            per_task = files_per_task(len(todo), cpus, crop, cfg.decode_batch_size)
             ds = ray.data.from_items(
-                [{"uri": u} for u in todo], override_num_blocks=input_blocks(len(todo))
+                [{"uri": u} for u in todo], override_num_blocks=math.ceil(len(todo) / per_task)
             )
         else:
             ds = _shard_rows(inputs, set(todo))
@@ -367,6 +386,8 @@ def label(cfg: LabelConfig, progress: Callable[[str], None] = print) -> LabelSum
             cfg,
             gpu,
             actors,
+            decode_batch_size=None if inputs.kind == "files" else cfg.decode_batch_size,
+            decode_kwargs={"read_concurrency": cfg.read_concurrency},
         )
         where = "GPU, JPEG decode there" if decode_here else "GPU" if gpu else "CPU"
         progress(f"[label] {len(todo)} images -> {actors} predictor actor(s) on {where}")

@@ -22,9 +22,9 @@ def predict(
     spec = model.preprocess
     results: list[dict[str, Any]] = [{"image": uri, "error": None, "top": []} for uri in images]
     pixels, rows = [], []
-    for row, uri in enumerate(images):
+    for row, read in enumerate(storage.read_many(images)):
         try:  # the label job's decode and crop, so both give an image the same label
-            pixels.append(eval_pixels(storage.read_bytes(uri), spec, DEFAULT_MAX_PIXELS))
+            pixels.append(eval_pixels(read.result(), spec, DEFAULT_MAX_PIXELS))
         except (DecodeError, storage.StorageError) as e:
             results[row]["error"] = str(e)
             continue

@@ -1,8 +1,10 @@
 """One way to address files: a local path, ``file://...`` or ``s3://bucket/prefix``.
 
-Everything goes through pyarrow's filesystems, the same ones Ray Data and Ray Train use, so an
-S3-compatible endpoint is reached through the standard ``AWS_ENDPOINT_URL`` variable and the
-standard credential chain, with no project-specific settings.
+Listing, writing and metadata go through pyarrow's filesystems, the same ones Ray Data and Ray
+Train use. Reading a whole object goes through botocore: one GET, where pyarrow's input streams
+first ask for the size (a HEAD, a second round trip per object). Both reach an S3-compatible
+endpoint through the standard ``AWS_ENDPOINT_URL`` variable and the standard credential chain,
+with no project-specific settings.
 """
 
 from __future__ import annotations
@@ -11,18 +13,25 @@ import json
 import os
 import posixpath
 import re
+import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
+from itertools import islice
 from typing import Any
 
 import pyarrow.fs as pafs
 
+from clf.config import DEFAULT_READ_CONCURRENCY, MAX_READ_CONCURRENCY
 from clf.errors import StorageError, TransientStorageError
 
 # Transient S3 faults (503 SlowDown, 500s, connection resets, truncated replies, timeouts) are
-# retried inside pyarrow by the AWS SDK; a permanent one (403, 404) is not, and surfaces at once
-# as a StorageError naming the URI. We use the SDK's "default" strategy, exponential backoff
+# retried inside pyarrow by the AWS SDK, and around each whole-object read by ``_get_object``
+# with the same backoff; a permanent one (403, 404) is not, and surfaces at once as a
+# StorageError naming the URI. We use the SDK's "default" strategy, exponential backoff
 # from 50 ms: 12 attempts wait out about 100 s of throttling for each request. Not "standard":
 # its retry quota is shared by every request of a process, and under sustained faults (about
 # 15% of requests, measured through tests/faultproxy.py) it runs dry and fails requests on their
@@ -207,39 +216,98 @@ def _regular(info: pafs.FileInfo) -> bool:
     return True
 
 
-# A transient fault the SDK does not retry. Arrow reads a range into a buffer of exactly that
-# size, and the SDK writes an error reply's body there too: a 503 SlowDown's XML (about 250
-# bytes) overflows a small read (classes.json, a checkpoint's meta.json), and the SDK reports a
-# non-retryable INTERNAL_FAILURE (apache/doris#66557 traces the same in another SDK user). We
-# retry those reads with the SDK's own backoff.
-_OVERFLOWED_ERROR_REPLY = "Failed to flush response stream"
-
-
 def read_bytes(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    attempt = 0
-    while True:
+    """A file's or an object's bytes: on S3 one GET, retried alone on a transient fault."""
+    uri = normalize(uri)
+    if not uri.startswith("s3://"):
         try:
-            with fs.open_input_stream(path) as f:
+            with open(uri, "rb") as f:
                 return f.read()
         except FileNotFoundError as e:
             raise StorageError(f"not found: {uri}") from e
         except OSError as e:
-            attempt += 1
-            if _OVERFLOWED_ERROR_REPLY not in str(e) or attempt == S3_RETRY_ATTEMPTS:
-                error = TransientStorageError if _transient(uri, e) else StorageError
-                raise error(f"cannot read {uri}: {_short(e)}") from e
+            raise StorageError(f"cannot read {uri}: {_short(e)}") from e
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return _get_object(uri, bucket, key)
+
+
+def read_many(uris: Sequence[str], concurrency: int = DEFAULT_READ_CONCURRENCY) -> Iterator[Future]:
+    """``read_bytes`` of each of ``uris`` as a future, in order, with up to ``concurrency``
+    reads in flight ahead of the caller: an object store's round trips overlap one another and
+    the caller's work on the bytes already read, and at most ``concurrency`` objects wait in
+    memory. ``future.result()`` returns the bytes or raises what ``read_bytes`` would."""
+    pool = ThreadPoolExecutor(max(1, min(concurrency, len(uris))), thread_name_prefix="clf-read")
+    try:
+        pending = iter(uris)
+        window = deque(pool.submit(read_bytes, uri) for uri in islice(pending, concurrency))
+        while window:
+            yield window.popleft()
+            window.extend(pool.submit(read_bytes, uri) for uri in islice(pending, 1))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _get_object(uri: str, bucket: str, key: str) -> bytes:
+    # botocore retries a request but not a body cut short, and its standard retry mode shares
+    # one quota among all of a process's requests, which sustained faults run dry: one loop
+    # retries both, for this object alone, with the same backoff as the pyarrow client.
+    import botocore.exceptions as boto
+
+    client = _s3_client(os.environ.get("AWS_ENDPOINT_URL"))
+    for attempt in range(1, S3_RETRY_ATTEMPTS + 1):
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except boto.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "NotFound", "404"):
+                raise StorageError(f"not found: {uri}") from e
+            if status < 500 and status not in (408, 429) and code not in _THROTTLED:
+                raise StorageError(f"cannot read {uri}: {_client_error(code, status)}") from e
+            error: Exception = e
+        except (boto.BotoCoreError, OSError) as e:  # resets, timeouts, a body cut short
+            error = e
+        if attempt < S3_RETRY_ATTEMPTS:
             time.sleep(0.025 * 2**attempt)
+    raise TransientStorageError(f"cannot read {uri}: {_short(error)}") from error
 
 
-def _transient(uri: str, e: OSError) -> bool:
-    """An object-store failure other than a missing object or a denial: throttling, resets."""
-    text = str(e)
-    return (
-        normalize(uri).startswith("s3://")
-        and not any(marker in text for marker in _DENIED)
-        and "NO_SUCH" not in text
-    )
+_THROTTLED = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout")
+_CLIENTS: dict[str | None, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _s3_client(endpoint: str | None):
+    """One botocore S3 client per process and endpoint, made once even when many reads start
+    together; clients are thread-safe, and their connection pool holds a connection for every
+    read ``read_many`` may keep in flight."""
+    with _CLIENTS_LOCK:
+        if endpoint not in _CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"total_max_attempts": 1},  # retried by _get_object
+                connect_timeout=S3_CONNECT_TIMEOUT_S,
+                read_timeout=S3_REQUEST_TIMEOUT_S,
+                max_pool_connections=MAX_READ_CONCURRENCY,
+                # Path-style, as pyarrow's client here: MinIO, Ceph and moto serve no bucket
+                # subdomains.
+                s3={"addressing_style": "path"} if endpoint else None,
+            )
+            session = boto3.session.Session()  # the default session is not thread-safe
+            _CLIENTS[endpoint] = session.client("s3", endpoint_url=endpoint, config=config)
+        return _CLIENTS[endpoint]
+
+
+def _client_error(code: str, status: int) -> str:
+    if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return (
+            f"access denied ({code or 'HTTP 403'}): check the credentials and the bucket's policy"
+        )
+    if code == "NoSuchBucket":
+        return "no such bucket"
+    return f"{code or 'error'} (HTTP {status})"
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -46,6 +46,7 @@ def build_parser():
         default=IngestConfig.max_pixels,
         help="larger images are rejected from the header, before decoding (decompression bombs)",
     )
+    cli.add_read_concurrency_flag(p, IngestConfig, "per shard")
     p.add_argument("--overwrite", action="store_true", help="replace an ingest of another source")
     return p
 

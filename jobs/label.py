@@ -52,6 +52,7 @@ def build_parser():
         default=LabelConfig.max_pixels,
         help="larger images become error rows, refused from the header (decompression bombs)",
     )
+    cli.add_read_concurrency_flag(p, LabelConfig, "per decode task")
     p.add_argument(
         "--rows-per-file",
         type=cli.positive_int,

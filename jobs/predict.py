@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clf import cli, storage
 from clf.artifact_meta import FORMATS, check_format_in, read_meta
+from clf.config import DEFAULT_READ_CONCURRENCY
 from clf.errors import ClfError, UsageError
 
 
@@ -37,8 +39,10 @@ def summary_lines(output: dict[str, Any]) -> list[str]:
 def main() -> None:
     args = build_parser().parse_args()
     check_format_in(read_meta(args.model), args.model, args.format)
-    for image in args.images:
-        if not storage.is_file(image):
+    with ThreadPoolExecutor(DEFAULT_READ_CONCURRENCY) as pool:  # one round trip for all
+        regular = list(pool.map(storage.is_file, args.images))
+    for image, is_file in zip(args.images, regular):
+        if not is_file:
             what = "a folder, not an image file" if storage.exists(image) else "no such file"
             raise UsageError(f"{image}: {what}")
     from clf.predict import predict

@@ -101,6 +101,23 @@ def test_every_job_has_help(name):
         ),
         (
             [
+                "jobs.ingest",
+                "--src",
+                str(HYMENOPTERA),
+                "--dst",
+                "/tmp/x",
+                "--read-concurrency",
+                "0",
+            ],
+            "--read-concurrency: must be at least 1",
+        ),
+        (
+            ["jobs.label", "--model", "/m", "--input", "/i", "--output", "/o"]
+            + ["--read-concurrency", "1000"],
+            "--read-concurrency: must be at most 256",
+        ),
+        (
+            [
                 "jobs.train",
                 "--data",
                 "/no/such/data",

@@ -36,7 +36,7 @@ ARCHIVE_SIZE = 300
 
 def label_command(model: str, src: str, out: str, *extra: str) -> list[str]:
     # Files of at least 8 rows (512 by default): the output arrives as a part file per decode
-    # task's 32 rows, about 10 of them, so a kill lands mid-way.
+    # output's 32 rows, about 10 of them, so a kill lands mid-way.
     job = ["jobs.label", "--model", model, "--input", src, "--output", out]
     small = ["--batch-size", "8", "--rows-per-file", "8"]
     return [sys.executable, "-m", *job, *small, "--json", *extra]
@@ -111,7 +111,7 @@ def test_killed_at_a_random_point_then_rerun_labels_every_input_once(
     out = str(tmp_path / "labels")
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    commits_before_kill = rng.randint(1, 5)  # of about 10: a part holds a decode task's 32
+    commits_before_kill = rng.randint(1, 5)  # of about 10: a part holds a decode output's 32
     print(f"\nseed {seed}: kill after {commits_before_kill} committed part files")
 
     job = start(label_command(mobilenet_artifact, archive, out))

@@ -82,9 +82,9 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
     decodes.mkdir(), predictors.mkdir()
     decode_batch = labeling.decode_batch
 
-    def recorded_decode(batch, preprocess, max_pixels):
+    def recorded_decode(batch, preprocess, max_pixels, read_concurrency):
         record(decodes)
-        return decode_batch(batch, preprocess, max_pixels)
+        return decode_batch(batch, preprocess, max_pixels, read_concurrency)
 
     class RecordedPredictor(labeling.Predictor):
         def __init__(self, *args, **kwargs):

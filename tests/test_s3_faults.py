@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
+from conftest import CIFAR, HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 from faultproxy import FaultProxy
 
 from clf import storage
-from clf.errors import StorageError
+from clf.errors import StorageError, TransientStorageError
 from clf.labeling import read_rows
 
 # Each job starts a Ray of its own, even where another session's `ray start` head runs here.
@@ -120,6 +120,137 @@ def test_access_denied_is_not_retried(denying_s3_endpoint, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
+# Reading many objects
+
+
+@pytest.fixture
+def objects(bucket) -> list[tuple[str, bytes]]:
+    written = [(f"{bucket}/many/{i:02d}.bin", os.urandom(1000 + i)) for i in range(24)]
+    for uri, data in written:
+        storage.write_bytes(uri, data)
+    return written
+
+
+def proxy_for(s3_endpoint, monkeypatch, **settings) -> FaultProxy:
+    proxy = FaultProxy(s3_endpoint, **{"rate": 0, **settings}).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    return proxy
+
+
+def test_reading_an_object_is_one_get_and_never_a_head(objects, s3_endpoint, monkeypatch):
+    proxy = proxy_for(s3_endpoint, monkeypatch)
+    try:
+        for uri, data in objects[:5]:
+            assert storage.read_bytes(uri) == data
+    finally:
+        proxy.stop()
+    assert proxy.calls == {"GetObject": 5}
+
+
+def test_many_reads_overlap_up_to_the_concurrency_and_come_back_in_order(
+    objects, s3_endpoint, monkeypatch
+):
+    proxy = proxy_for(s3_endpoint, monkeypatch, delay_s=0.05)  # a real store's round trip
+    try:
+        reads = [read.result() for read in storage.read_many([u for u, _ in objects], 6)]
+    finally:
+        proxy.stop()
+    assert reads == [data for _, data in objects]
+    assert 1 < proxy.most_in_flight <= 6
+    assert proxy.calls == {"GetObject": len(objects)}
+
+
+def test_a_throttled_read_is_retried_for_that_object_alone(objects, s3_endpoint, monkeypatch):
+    proxy = proxy_for(s3_endpoint, monkeypatch, kinds=("slow_down",), fail_first=3)
+    try:
+        reads = [read.result() for read in storage.read_many([u for u, _ in objects[:5]], 1)]
+    finally:
+        proxy.stop()
+    assert reads == [data for _, data in objects[:5]]
+    assert proxy.counts["slow_down"] == 3 and proxy.calls == {"GetObject": 5 + 3}
+
+
+@pytest.mark.parametrize("fault", ["truncate", "reset"])
+def test_a_reply_cut_short_or_a_reset_connection_is_read_again(
+    objects, s3_endpoint, monkeypatch, fault
+):
+    uri, data = objects[0]
+    proxy = proxy_for(s3_endpoint, monkeypatch, kinds=(fault,), fail_first=2)
+    try:
+        assert storage.read_bytes(uri) == data
+    finally:
+        proxy.stop()
+    assert proxy.counts[fault] == 2
+
+
+def test_a_missing_object_fails_alone_at_once_and_the_others_are_read(
+    objects, s3_endpoint, monkeypatch
+):
+    (first, one), (second, two) = objects[:2]
+    missing = first.replace("many/", "many/gone-")
+    proxy = proxy_for(s3_endpoint, monkeypatch)
+    try:
+        reads = list(storage.read_many([first, missing, second]))
+        assert reads[0].result() == one and reads[2].result() == two
+        with pytest.raises(StorageError, match=f"not found: {missing}") as raised:
+            reads[1].result()
+    finally:
+        proxy.stop()
+    assert not isinstance(raised.value, TransientStorageError)
+    assert proxy.calls == {"GetObject": 3}  # never retried
+
+
+def test_an_ingest_from_a_bucket_reads_each_image_once_with_reads_in_flight(
+    bucket, s3_endpoint, monkeypatch, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    from clf.config import IngestConfig
+    from clf.ingest import ingest
+
+    keys = [
+        f"{c}/{n}" for c in ("cat", "dog") for n in sorted(os.listdir(CIFAR / "train" / c))[:20]
+    ]
+    for key in keys:
+        storage.write_bytes(f"{bucket}/tree/{key}", (CIFAR / "train" / key).read_bytes())
+    proxy = proxy_for(s3_endpoint, monkeypatch, delay_s=0.02)
+    try:
+        summary = ingest(
+            IngestConfig(src=f"{bucket}/tree", dst=str(tmp_path / "data"), read_concurrency=4)
+        )
+    finally:
+        proxy.stop()
+    assert sum(sum(c.values()) for c in summary.counts.values()) == 40 and not summary.rejected
+    assert proxy.calls["GetObject"] == 40 and proxy.calls["HeadObject"] <= 1
+    assert 1 < proxy.most_in_flight <= 4
+    shards = [f for f in storage.list_files(str(tmp_path / "data")) if f.endswith(".parquet")]
+    stored = pq.read_table(shards, columns=["key", "image"]).to_pydict()
+    assert sorted(stored["key"]) == keys
+    assert all(data == (CIFAR / "train" / k).read_bytes() for k, data in zip(*stored.values()))
+
+
+def test_predict_reads_several_images_from_a_bucket_at_once(
+    bucket, s3_endpoint, monkeypatch, tmp_path
+):
+    from test_labeling import export_small_cnn
+
+    from clf.predict import predict
+
+    art = export_small_cnn(tmp_path / "art")
+    uris = []
+    for name in sorted(os.listdir(IMAGENET_SAMPLES))[:6]:
+        uris.append(f"{bucket}/photos/{name}")
+        storage.write_bytes(uris[-1], (IMAGENET_SAMPLES / name).read_bytes())
+    proxy = proxy_for(s3_endpoint, monkeypatch, delay_s=0.02)
+    try:
+        results = predict(art, uris, top_k=2)["results"]
+    finally:
+        proxy.stop()
+    assert [r["image"] for r in results] == uris and all(r["error"] is None for r in results)
+    assert proxy.calls == {"GetObject": 6} and proxy.most_in_flight > 1
+
+
+# ------------------------------------------------------------------------------------------
 # Jobs through the faulty proxy
 
 
@@ -170,6 +301,44 @@ def test_label_job_through_faults_labels_every_image_exactly_once(
     errors = {r["uri"].rsplit("/", 1)[1]: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"empty.jpg", "notes.jpg"}, errors
     assert summary["labelled"] == 102
+
+
+@pytest.mark.slow
+def test_an_image_deleted_after_the_listing_becomes_one_error_row(
+    bucket, s3_endpoint, mobilenet_artifact, tmp_path
+):
+    import boto3
+
+    names = sorted(os.listdir(IMAGENET_SAMPLES))[:12]
+    for name in names:
+        storage.write_bytes(f"{bucket}/images/{name}", (IMAGENET_SAMPLES / name).read_bytes())
+    gone, name_of_bucket = names[5], bucket[len("s3://") :]
+    store = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def delete_before_its_first_read(method: str, path: str) -> None:
+        if method == "GET" and path == f"/{name_of_bucket}/images/{gone}":
+            store.delete_object(Bucket=name_of_bucket, Key=f"images/{gone}")
+
+    proxy = FaultProxy(s3_endpoint, rate=0).start()
+    proxy.before_forward = delete_before_its_first_read
+    try:
+        summary, _, _ = through(
+            proxy,
+            "jobs.label",
+            "--model",
+            mobilenet_artifact,
+            "--input",
+            f"{bucket}/images",
+            "--output",
+            str(tmp_path / "labels"),
+        )
+    finally:
+        proxy.stop()
+    rows = read_rows(str(tmp_path / "labels")).to_pylist()
+    assert sorted(r["uri"] for r in rows) == [f"{bucket}/images/{n}" for n in names]
+    errors = {r["uri"]: r["error"] for r in rows if r["error"]}
+    assert errors == {f"{bucket}/images/{gone}": f"unreadable: not found: {bucket}/images/{gone}"}
+    assert summary["labelled"] == 12 and summary["errors"] == {errors.popitem()[1]: 1}
 
 
 @pytest.mark.slow
