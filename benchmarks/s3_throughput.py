@@ -8,12 +8,14 @@ process, as users run it, writing to a local folder, so the requests counted are
 reads and listings.
 
 For local files, S3 direct (the proxy with no delay) and S3 at each --delays, it prints the
-job's img/s, its ratio to S3 direct and to local, the object requests (GET and HEAD) per image
-read, and the peak PSS of the job's process tree. ``--memory A,B`` labels A and then B images
-from S3 for the peak-memory ratio; ``--listing-keys N`` lists N keys directly and at +20 ms.
+job's img/s (the fastest of --repeat rounds), its ratio to S3 direct and to local, the object
+requests (GET and HEAD) per image read, the peak PSS of the job's process tree, and moto's CPU
+per image. ``--memory A,B`` labels A and then B images from S3 for the peak-memory ratio;
+``--listing-keys N`` lists N keys directly and at +20 ms.
 
     python -m benchmarks.s3_throughput [--images 3000] [--delays 20,50] [--model tiny]
-        [--label-args "--read-concurrency 16"] [--memory 2000,20000] [--listing-keys 200000]
+        [--repeat 2] [--label-args "--read-concurrency 16"] [--memory 2000,20000]
+        [--listing-keys 200000]
 """
 
 from __future__ import annotations
@@ -149,13 +151,21 @@ def throughput(args, label_args: list[str]) -> None:
     prefix = f"{BUCKET}/images-{args.images}"
     with moto_server(free_port(), files={prefix: paths}) as moto:
         proxy = FaultProxy(moto.url, rate=0.0).start()
+        runs: dict[str, dict] = {}
+
+        def keep_fastest(name: str, run: dict) -> None:
+            print(f"  {name}: {json.dumps(run)}", flush=True)
+            if name not in runs or run["img_per_s"] > runs[name]["img_per_s"]:
+                runs[name] = run
+
         try:
-            runs = {"local": label(art, folder, proxy, label_args, moto)}
-            for delay in [0, *args.delays]:
-                proxy.delay_s = delay / 1000
-                name = "S3 direct" if delay == 0 else f"S3 +{delay} ms"
-                runs[name] = label(art, f"s3://{prefix}", proxy, label_args, moto)
-                print(f"  {name}: {json.dumps(runs[name])}", flush=True)
+            # Rounds of every place in turn, so that the machine's slow spells fall on all.
+            for _ in range(args.repeat):
+                keep_fastest("local", label(art, folder, proxy, label_args, moto))
+                for delay in [0, *args.delays]:
+                    proxy.delay_s = delay / 1000
+                    name = "S3 direct" if delay == 0 else f"S3 +{delay} ms"
+                    keep_fastest(name, label(art, f"s3://{prefix}", proxy, label_args, moto))
         finally:
             proxy.stop()
     direct, local = runs["S3 direct"]["img_per_s"], runs["local"]["img_per_s"]
@@ -221,6 +231,7 @@ def main() -> None:
     p.add_argument("--delays", default="20,50", help="added ms per request, comma-separated")
     p.add_argument("--model", default="tiny", help="tiny (a random 32 px CNN) or mobilenet_v2")
     p.add_argument("--label-args", default="", help="extra jobs.label flags")
+    p.add_argument("--repeat", type=int, default=1, help="rounds; the fastest of each place")
     p.add_argument("--memory", default="", help="A,B: peak memory labelling A then B images")
     p.add_argument("--listing-keys", type=int, default=0, help="list this many keys")
     p.add_argument("--skip-throughput", action="store_true")
