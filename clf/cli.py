@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from clf import runtime, storage
-from clf.config import MAX_READ_CONCURRENCY
 from clf.errors import ClfError, UsageError
 
 
@@ -85,8 +84,10 @@ def add_read_concurrency_flag(p: argparse.ArgumentParser, config: type, per: str
 
 def read_concurrency(text: str) -> int:
     value = positive_int(text)
-    if value > MAX_READ_CONCURRENCY:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_READ_CONCURRENCY}, got {value}")
+    if value > storage.MAX_READ_CONCURRENCY:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {storage.MAX_READ_CONCURRENCY}, got {value}"
+        )
     return value
 
 

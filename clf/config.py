@@ -15,17 +15,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
+from clf import storage
 from clf.errors import ClfError, UsageError
+from clf.storage import DEFAULT_READ_CONCURRENCY, MAX_READ_CONCURRENCY
 
 Device = Literal["auto", "cpu", "cuda"]
 Decode = Literal["auto", "cpu", "gpu"]
 BASELINE_MODEL = "hog_svm"  # the classical baseline's name wherever a model name is taken
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs
-# Object reads in flight per decode task or ingest: enough to hide an object store's round
-# trips behind decoding (benchmarks/s3_throughput.py), few enough that the bytes waiting stay
-# small. Each object waits in memory until its turn.
-DEFAULT_READ_CONCURRENCY = 32
-MAX_READ_CONCURRENCY = 256
 
 
 @dataclass
@@ -297,8 +294,6 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
-
-    from clf import storage
 
     try:
         text = storage.read_bytes(path)

@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from clf import storage
-from clf.config import DEFAULT_READ_CONCURRENCY
 from clf.decode import DecodeError
 from clf.preprocess import Preprocess, eval_pixels
 
@@ -30,7 +29,7 @@ def decode_batch(
     batch: dict[str, np.ndarray],
     preprocess: dict,
     max_pixels: int,
-    read_concurrency: int = DEFAULT_READ_CONCURRENCY,
+    read_concurrency: int = storage.DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
     """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. A batch of listed
     files is read with ``read_concurrency`` reads kept in flight ahead of the decoding. Never
@@ -53,7 +52,7 @@ def read_batch(
     batch: dict[str, np.ndarray],
     preprocess: dict,
     max_pixels: int,
-    read_concurrency: int = DEFAULT_READ_CONCURRENCY,
+    read_concurrency: int = storage.DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
     """CPU task when the predictor decodes on its GPU: a JPEG that suits nvJPEG travels as its
     bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import storage
-from clf.config import DEFAULT_READ_CONCURRENCY, IngestConfig
+from clf.config import IngestConfig
 from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
 
@@ -48,7 +48,7 @@ class ShardPlan:
     dst: str  # full URI of the shard file
     items: list[Item]
     max_pixels: int
-    read_concurrency: int = DEFAULT_READ_CONCURRENCY
+    read_concurrency: int = storage.DEFAULT_READ_CONCURRENCY
 
 
 @dataclass

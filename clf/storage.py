@@ -25,7 +25,6 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from clf.config import DEFAULT_READ_CONCURRENCY, MAX_READ_CONCURRENCY
 from clf.errors import StorageError, TransientStorageError
 
 # Transient S3 faults (503 SlowDown, 500s, connection resets, truncated replies, timeouts) are
@@ -41,6 +40,11 @@ from clf.errors import StorageError, TransientStorageError
 S3_RETRY_ATTEMPTS = 12
 S3_CONNECT_TIMEOUT_S = 10
 S3_REQUEST_TIMEOUT_S = 60
+# Object reads in flight per decode task or ingest: enough to hide an object store's round
+# trips behind decoding (benchmarks/s3_throughput.py), few enough that the bytes waiting stay
+# small. Each object waits in memory until its turn.
+DEFAULT_READ_CONCURRENCY = 32
+MAX_READ_CONCURRENCY = 256
 
 
 REMOTE_SCHEMES = ("s3", "s3a")

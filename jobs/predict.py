@@ -7,7 +7,6 @@ from typing import Any
 
 from clf import cli, storage
 from clf.artifact_meta import FORMATS, check_format_in, read_meta
-from clf.config import DEFAULT_READ_CONCURRENCY
 from clf.errors import ClfError, UsageError
 
 
@@ -39,7 +38,7 @@ def summary_lines(output: dict[str, Any]) -> list[str]:
 def main() -> None:
     args = build_parser().parse_args()
     check_format_in(read_meta(args.model), args.model, args.format)
-    with ThreadPoolExecutor(DEFAULT_READ_CONCURRENCY) as pool:  # one round trip for all
+    with ThreadPoolExecutor(storage.DEFAULT_READ_CONCURRENCY) as pool:  # one round trip for all
         regular = list(pool.map(storage.is_file, args.images))
     for image, is_file in zip(args.images, regular):
         if not is_file:
