@@ -1,7 +1,7 @@
 """Decode speed-up of JPEG draft mode: large photos decoded at a reduced DCT scale before the
 resize, against a full-size decode followed by the same resize and crop.
 
-Both paths run ``clf.decode.decode_image`` and the eval transform on the same bytes in one
+Both paths run ``clf.images.decode.decode_image`` and the eval transform on the same bytes in one
 process, one thread; only ``min_size`` differs (None disables draft). Prints images/s for each
 and the ratio, for the large photos of ../shared/data and for the ImageNet samples (about
 500 x 375, where draft cannot shrink anything for a 256-pixel resize).
@@ -18,9 +18,9 @@ import time
 import torch
 
 from benchmarks._jobs import SHARED
-from clf.decode import decode_image
-from clf.preprocess import Preprocess
-from clf.transforms import eval_transform
+from clf.images.decode import decode_image
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import eval_transform
 
 
 def rate(images: list[bytes], min_size: int | None, repeats: int) -> float:

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from clf import artifact, models, runtime
-from clf.decode import decode_image
 from clf.formats import INT8_MIN_AGREEMENT
-from clf.preprocess import Preprocess
-from clf.transforms import eval_transform
+from clf.images.decode import decode_image
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import eval_transform
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FORMATS = ("torchscript", "onnx", "int8")

@@ -26,10 +26,10 @@ import torch
 from clf import artifact, exporting
 from clf.artifact_meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
-from clf.device_decode import decode_on_device
+from clf.images.nvjpeg import decode_on_device
+from clf.images.preprocess import Preprocess
 from clf.labeling import Predictor
 from clf.models import create_model
-from clf.preprocess import Preprocess
 
 
 def timed(fn, repeats: int) -> float:

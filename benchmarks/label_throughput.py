@@ -290,7 +290,7 @@ def run_bound_artifact(files: list[str], out: str, arch: str, weights: str) -> f
     from clf.classifier import load_classifier, top_k
     from clf.config import DEFAULT_MAX_PIXELS, LabelConfig
     from clf.decode_tasks import decode_batch
-    from clf.preprocess import Preprocess
+    from clf.images.preprocess import Preprocess
 
     art = export_artifact(arch, weights)
     cuda = gpu()

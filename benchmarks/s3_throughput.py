@@ -71,8 +71,8 @@ def artifact(name: str) -> str:
         import torch
 
         from clf import artifact as artifacts
+        from clf.images.preprocess import Preprocess
         from clf.models import create_model
-        from clf.preprocess import Preprocess
 
         torch.manual_seed(0)
         artifacts.export(

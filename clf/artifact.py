@@ -21,7 +21,7 @@ from clf import formats as fmts
 from clf import storage
 from clf.artifact_meta import FORMATS, file_sha256, read_model_file
 from clf.errors import UsageError
-from clf.preprocess import Preprocess
+from clf.images.preprocess import Preprocess
 
 RANDOM_SAMPLE = "random tensors (no real images given)"
 

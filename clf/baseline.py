@@ -20,8 +20,8 @@ from PIL import ImageOps
 
 from clf import evaluation, storage
 from clf.config import BASELINE_MODEL
-from clf.decode import DecodeError, decode_image
 from clf.errors import ModelLoadError, UsageError
+from clf.images.decode import DecodeError, decode_image
 
 NAME = BASELINE_MODEL
 MODEL_FILE = "hog_svm.npz"

@@ -14,7 +14,7 @@ import numpy as np
 
 from clf import runtime
 from clf.artifact_meta import check_format_in, file_sha256, read_meta, read_model_file
-from clf.preprocess import Preprocess
+from clf.images.preprocess import Preprocess
 
 ONNX_FORMATS = ("onnx", "int8")
 

@@ -1,7 +1,7 @@
 """The CPU tasks of the jobs.label and jobs.evaluate pipelines: bytes -> eval crops, or reasons.
 
 Ray pickles a task function by its module, and a worker imports that module before its first
-task. This one imports neither torch nor torchvision (see ``clf.preprocess``), so a decode
+task. This one imports neither torch nor torchvision (see ``clf.images.preprocess``), so a decode
 worker is ready in a fraction of a second instead of after ~5 s of imports.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from clf import storage
-from clf.decode import DecodeError
-from clf.preprocess import Preprocess, eval_pixels
+from clf.images.decode import DecodeError
+from clf.images.preprocess import Preprocess, eval_pixels
 
 # Larger photos decode faster on the CPU at reduced scale (draft) than in full on the GPU, and
 # a batch of them would take gigabytes of GPU memory.

@@ -12,8 +12,8 @@ import torch
 from PIL import ImageOps
 
 from clf import plots, storage
-from clf.decode import DecodeError, decode_image
 from clf.formats import OnnxModule
+from clf.images.decode import DecodeError, decode_image
 
 THUMBNAIL = 192
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from clf import artifact, models, storage
-from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
-from clf.preprocess import Preprocess
-from clf.transforms import eval_transform
+from clf.images.decode import DecodeError, decode_image
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import eval_transform
 
 SAMPLE_IMAGES = 256
 PACKAGED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # skimage.data, no download

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from clf import storage
 from clf.config import IngestConfig
-from clf.decode import DecodeError, decode_image
 from clf.errors import UsageError
+from clf.images.decode import DecodeError, decode_image
 
 SPLITS = ("train", "val", "test")
 SHARD_SCHEMA = pa.schema(

@@ -27,8 +27,8 @@ from clf.classifier import load_classifier, top_k
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.errors import ClfError, UsageError
+from clf.images.preprocess import Preprocess
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
-from clf.preprocess import Preprocess
 
 # Write tasks in flight at once: each commits one file, and they wait on storage, not a CPU.
 # They ask for no CPU, so they run in the spare workers an embedded Ray keeps.
@@ -221,7 +221,7 @@ class Predictor:
         the JPEGs decoded on the model's device (a torch ``Artifact``'s)."""
         import torch
 
-        from clf.device_decode import decode_on_device
+        from clf.images.nvjpeg import decode_on_device
 
         model, kinds = self.model, batch["kind"]
         crop = model.preprocess.crop

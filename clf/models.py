@@ -15,7 +15,7 @@ from torch import nn
 
 from clf import storage
 from clf.errors import ModelLoadError, UsageError
-from clf.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from clf.images.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 class SmallCNN(nn.Module):

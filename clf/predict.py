@@ -8,8 +8,8 @@ import numpy as np
 
 from clf import classifier, storage
 from clf.config import DEFAULT_MAX_PIXELS
-from clf.decode import DecodeError
-from clf.preprocess import eval_pixels
+from clf.images.decode import DecodeError
+from clf.images.preprocess import eval_pixels
 
 BATCH = 32
 

@@ -14,8 +14,8 @@ from clf import artifact, classifier, formats
 from clf.classifier import OnnxCpuClassifier, load_classifier, top_k
 from clf.errors import ModelLoadError, UsageError
 from clf.exporting import load_sample
+from clf.images.preprocess import Preprocess
 from clf.models import create_model
-from clf.preprocess import Preprocess
 
 SPEC = Preprocess(input_size=32, resize=36)
 CLASSES = ["ants", "bees"]

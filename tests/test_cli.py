@@ -282,8 +282,8 @@ def test_resuming_a_run_with_another_model_is_refused_before_ray_starts(tmp_path
 
 def test_labelling_into_another_jobs_output_is_refused_before_ray_starts(tmp_path):
     from clf import artifact
+    from clf.images.preprocess import Preprocess
     from clf.models import create_model
-    from clf.preprocess import Preprocess
 
     model, out = str(tmp_path / "model"), tmp_path / "labels"
     spec = Preprocess(input_size=32, resize=36)

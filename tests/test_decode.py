@@ -7,7 +7,7 @@ import pytest
 from conftest import HYMENOPTERA, LARGE_PHOTOS
 from PIL import Image
 
-from clf.decode import DecodeError, decode_image
+from clf.images.decode import DecodeError, decode_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -19,8 +19,8 @@ from clf.config import IngestConfig
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
 from clf.evaluating import EvaluateConfig, align_classes, check, evaluate
+from clf.images.preprocess import Preprocess
 from clf.ingest import ingest
-from clf.preprocess import Preprocess
 from clf.scoring import Scorer
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).

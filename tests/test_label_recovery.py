@@ -23,11 +23,11 @@ import pytest
 from conftest import IMAGENET_SAMPLES, ROOT
 
 from clf import artifact
+from clf.images.preprocess import Preprocess
 from clf.ingest import IngestConfig, ingest
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.labeling import list_inputs, read_rows
 from clf.models import create_model
-from clf.preprocess import Preprocess
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ from PIL import Image
 from clf import artifact
 from clf.artifact_meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
-from clf.device_decode import decode_on_device
+from clf.images.nvjpeg import decode_on_device
+from clf.images.preprocess import Preprocess
 from clf.label_sink import LABEL_SCHEMA, AtomicParquetSink, part_name
 from clf.labeling import (
     MAX_FILES_PER_TASK,
@@ -26,7 +27,6 @@ from clf.labeling import (
     model_threads,
 )
 from clf.models import create_model
-from clf.preprocess import Preprocess
 
 SPEC = Preprocess(input_size=32, resize=36)
 
@@ -319,7 +319,7 @@ def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_arch
 def test_the_label_actor_starts_without_torchvision():
     """torchvision's import pulls in torch._dynamo: 1.3 s more on the critical path of every
     labelling job, whose actor is what the pipeline waits for on a CPU node."""
-    assert imported_by("clf.labeling, clf.artifact, clf.device_decode", {"torchvision"}) == []
+    assert imported_by("clf.labeling, clf.artifact, clf.images.nvjpeg", {"torchvision"}) == []
 
 
 def test_the_job_process_labels_without_importing_torch():

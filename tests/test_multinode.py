@@ -26,9 +26,9 @@ from ray.cluster_utils import Cluster
 
 from clf import artifact, labeling, runtime
 from clf.config import DataConfig, LabelConfig, ModelConfig, TrainConfig
+from clf.images.preprocess import Preprocess
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model
-from clf.preprocess import Preprocess
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import pytest
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES, imported_by
 from PIL import Image
 
-from clf.preprocess import Preprocess, eval_crop
-from clf.transforms import eval_transform
+from clf.images.preprocess import Preprocess, eval_crop
+from clf.images.transforms import eval_transform
 
 SPECS = [
     Preprocess(),

@@ -14,9 +14,10 @@ from PIL import Image
 
 from clf import storage
 from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import batch_mixer
 from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
-from clf.preprocess import Preprocess
 from clf.training import data, metrics
 from clf.training.data import (
     CACHED_SPLIT_BYTES,
@@ -31,7 +32,6 @@ from clf.training.data import (
 from clf.training.loop import should_stop
 from clf.training.optim import lr_factor, param_groups
 from clf.training.preview import preview_augmentations
-from clf.transforms import batch_mixer
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from clf import storage
-from clf.decode import DecodeError, decode_image
-from clf.preprocess import Preprocess
-from clf.transforms import decode_size, eval_transform, train_transform
+from clf.images.decode import DecodeError, decode_image
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import decode_size, eval_transform, train_transform
 
 # A split this small is read once, by the driver, into the object store. Re-read every epoch, it
 # starts read tasks (on a small machine, fresh worker processes) that compete with the training

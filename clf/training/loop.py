@@ -17,11 +17,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clf import models, runtime
 from clf.config import TrainConfig, from_dict
-from clf.preprocess import Preprocess
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import batch_mixer
 from clf.training import checkpoint, metrics
 from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights, shard_name
 from clf.training.optim import create_optimizer, create_scheduler
-from clf.transforms import batch_mixer
 
 
 def phase_of(cfg: TrainConfig, epoch: int) -> str:

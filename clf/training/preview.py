@@ -10,10 +10,10 @@ from torchvision.utils import make_grid
 
 from clf import storage
 from clf.config import TrainConfig
-from clf.decode import DecodeError, decode_image
-from clf.preprocess import Preprocess
+from clf.images.decode import DecodeError, decode_image
+from clf.images.preprocess import Preprocess
+from clf.images.transforms import batch_mixer, decode_size, eval_transform, train_transform
 from clf.training.data import iter_rows
-from clf.transforms import batch_mixer, decode_size, eval_transform, train_transform
 
 
 def preview_augmentations(

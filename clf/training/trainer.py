@@ -13,7 +13,7 @@ from clf import artifact, models, runtime, storage
 from clf.checks import check_train
 from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
-from clf.preprocess import Preprocess
+from clf.images.preprocess import Preprocess
 from clf.training import checkpoint, metrics
 
 

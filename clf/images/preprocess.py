@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from clf.decode import DEFAULT_MAX_ONE_COLOUR, decode_image
+from clf.images.decode import DEFAULT_MAX_ONE_COLOUR, decode_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

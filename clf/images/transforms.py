@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from clf.config import AugmentConfig
-from clf.preprocess import Preprocess
+from clf.images.preprocess import Preprocess
 
 
 def _interp(name: str) -> InterpolationMode:

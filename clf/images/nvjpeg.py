@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from clf.decode import DEFAULT_MAX_ONE_COLOUR, DecodeError
-from clf.preprocess import Preprocess, eval_pixels
+from clf.images.decode import DEFAULT_MAX_ONE_COLOUR, DecodeError
+from clf.images.preprocess import Preprocess, eval_pixels
 
 # Pillow's nearest-neighbour sample for the blank check is at most 128 x 128.
 BLANK_SAMPLE = 128
@@ -32,7 +32,7 @@ def decode_on_device(
     ("" when fine). Resize and center crop match ``transforms.eval_transform``."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from clf.transforms import eval_transform  # torchvision: only GPU decode needs it
+    from clf.images.transforms import eval_transform  # torchvision: only GPU decode needs it
 
     encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
     with warnings.catch_warnings():
