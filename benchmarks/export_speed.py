@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from clf import artifact, models, runtime
-from clf.formats import INT8_MIN_AGREEMENT
+from clf import models, runtime
+from clf.artifact.export import export_artifact
+from clf.artifact.formats import INT8_MIN_AGREEMENT
+from clf.artifact.torch_model import load_torch
 from clf.images.decode import decode_image
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import eval_transform
@@ -115,7 +117,7 @@ def main() -> None:
 
     export_started = time.perf_counter()
     out = tempfile.mkdtemp(prefix="export-speed-")
-    meta = artifact.export(
+    meta = export_artifact(
         eager,
         out,
         arch="mobilenet_v2",
@@ -129,7 +131,7 @@ def main() -> None:
     )
     export_s = time.perf_counter() - export_started
 
-    modules = {"eager": eager, **{fmt: artifact.load(out, format=fmt).module for fmt in FORMATS}}
+    modules = {"eager": eager, **{fmt: load_torch(out, format=fmt).module for fmt in FORMATS}}
     sizes = {fmt: os.path.getsize(os.path.join(out, meta["files"][fmt])) / 1e6 for fmt in FORMATS}
     shutil.rmtree(out)
     logits = {name: logits_of(module, images) for name, module in modules.items()}

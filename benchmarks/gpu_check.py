@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from clf import artifact, exporting
-from clf.artifact_meta import read_meta
+from clf.artifact.export import export_artifact, from_pretrained
+from clf.artifact.meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
@@ -45,7 +45,7 @@ def timed(fn, repeats: int) -> float:
 def main(weights: str, samples: str) -> dict:
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     art = tempfile.mkdtemp()
-    exporting.from_pretrained("mobilenet_v2", weights, "imagenet", art)
+    from_pretrained("mobilenet_v2", weights, "imagenet", art)
     spec = Preprocess.from_meta(read_meta(art)).to_meta()
     uris = sorted(glob.glob(os.path.join(samples, "*.JPEG")))
     chunks = [np.array(uris[i : i + 25], dtype=object) for i in range(0, len(uris), 25)]
@@ -97,7 +97,7 @@ def main(weights: str, samples: str) -> dict:
         predictor = gpu
         if name != "mobilenet_v2":
             path = tempfile.mkdtemp()
-            artifact.export(
+            export_artifact(
                 create_model(name, 1000).eval(),
                 path,
                 arch=name,

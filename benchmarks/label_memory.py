@@ -35,8 +35,8 @@ def child(folder: str, work: str) -> None:
     from ray._private.internal_api import memory_summary
 
     from clf import runtime
+    from clf.artifact.export import from_pretrained
     from clf.config import LabelConfig
-    from clf.exporting import from_pretrained
     from clf.labeling import label
 
     art = os.path.join(work, "art")

@@ -286,8 +286,8 @@ def run_bound_artifact(files: list[str], out: str, arch: str, weights: str) -> f
     uint8 pixels that the job's decode made), with every core for the model."""
     import numpy as np
 
-    from clf.artifact_meta import read_meta
-    from clf.classifier import load_classifier, top_k
+    from clf.artifact.classifier import load_classifier, top_k
+    from clf.artifact.meta import read_meta
     from clf.config import DEFAULT_MAX_PIXELS, LabelConfig
     from clf.decode_tasks import decode_batch
     from clf.images.preprocess import Preprocess

@@ -70,12 +70,12 @@ def artifact(name: str) -> str:
     if name == "tiny":  # a random 32 px CNN: the model costs next to nothing, reading is all
         import torch
 
-        from clf import artifact as artifacts
+        from clf.artifact.export import export_artifact
         from clf.images.preprocess import Preprocess
         from clf.models import create_model
 
         torch.manual_seed(0)
-        artifacts.export(
+        export_artifact(
             create_model("small_cnn", 10, drop_rate=0.0).eval(),
             art,
             arch="small_cnn",
@@ -84,7 +84,7 @@ def artifact(name: str) -> str:
             formats=("onnx",),
         )
     else:
-        from clf.exporting import from_pretrained
+        from clf.artifact.export import from_pretrained
 
         from_pretrained(name, mobilenet_weights(), "imagenet", art, ("onnx",))
     return art

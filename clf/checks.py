@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from clf import storage
-from clf.artifact_meta import read_meta
+from clf.artifact.meta import read_meta
 from clf.config import BASELINE_MODEL, LabelConfig, TrainConfig
 from clf.errors import UsageError
 from clf.ingest import read_classes

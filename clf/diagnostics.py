@@ -12,7 +12,7 @@ import torch
 from PIL import ImageOps
 
 from clf import plots, storage
-from clf.formats import OnnxModule
+from clf.artifact.formats import OnnxModule
 from clf.images.decode import DecodeError, decode_image
 
 THUMBNAIL = 192

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from clf import artifact, baseline, diagnostics, evaluation, runtime, storage
-from clf.artifact_meta import read_meta
+from clf import baseline, diagnostics, evaluation, runtime, storage
+from clf.artifact.meta import read_meta
+from clf.artifact.torch_model import load_torch
 from clf.config import EvaluateConfig
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
@@ -264,7 +265,7 @@ def _write_diagnostics(
 ) -> list[str]:
     written = []
     if not target.is_baseline:
-        png = diagnostics.filters_png(artifact.load(cfg.model).module)
+        png = diagnostics.filters_png(load_torch(cfg.model).module)
         if png:
             storage.write_bytes(storage.join(cfg.output, "filters.png"), png)
             written.append("filters.png")

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import runtime, storage
+from clf.artifact.classifier import load_classifier, top_k
 from clf.checks import LABEL_JOB_FILE, check_label, label_job
-from clf.classifier import load_classifier, top_k
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
 from clf.decode_tasks import decode_batch, read_batch
 from clf.errors import ClfError, UsageError

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from clf import classifier, storage
+from clf import storage
+from clf.artifact import classifier
 from clf.config import DEFAULT_MAX_PIXELS
 from clf.images.decode import DecodeError
 from clf.images.preprocess import eval_pixels

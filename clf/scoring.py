@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clf.classifier import load_classifier
+from clf.artifact.classifier import load_classifier
 
 
 class Scorer:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from clf import cli, models
-from clf.artifact import FORMATS, parse_formats
-from clf.artifact_meta import read_meta
+from clf.artifact.formats import INT8_MIN_AGREEMENT
+from clf.artifact.meta import FORMATS, parse_formats, read_meta
 from clf.errors import UsageError
-from clf.formats import INT8_MIN_AGREEMENT
 
 
 def build_parser():
@@ -72,7 +71,7 @@ def main() -> None:
     if bool(args.run) == bool(args.model):
         raise UsageError("give either --run RUN, or --model NAME --pretrained PATH --classes FILE")
     if args.sample:
-        from clf.exporting import check_sample_uri
+        from clf.artifact.sample import check_sample_uri
 
         check_sample_uri(args.sample)
     elif args.model and "int8" in formats:
@@ -92,7 +91,7 @@ def main() -> None:
         if not args.pretrained or not args.classes:
             raise UsageError("--model needs --pretrained PATH_OR_URI and --classes FILE|imagenet")
         models.check_model_name(args.model)
-        from clf.exporting import from_pretrained
+        from clf.artifact.export import from_pretrained
 
         meta = from_pretrained(
             args.model,

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clf import cli, storage
-from clf.artifact_meta import FORMATS, check_format_in, read_meta
+from clf.artifact.meta import FORMATS, check_format_in, read_meta
 from clf.errors import ClfError, UsageError
 
 

@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import HYMENOPTERA, ROOT, imported_by, run_in_process
 
-from clf import artifact, classifier, formats
-from clf.classifier import OnnxCpuClassifier, load_classifier, top_k
+from clf.artifact import formats, onnx_cpu
+from clf.artifact.classifier import load_classifier, top_k
+from clf.artifact.export import RANDOM_SAMPLE, export_artifact
+from clf.artifact.onnx_cpu import OnnxCpuClassifier
+from clf.artifact.sample import load_sample
+from clf.artifact.torch_model import TorchClassifier, load_torch
 from clf.errors import ModelLoadError, UsageError
-from clf.exporting import load_sample
 from clf.images.preprocess import Preprocess
 from clf.models import create_model
 
@@ -25,7 +28,7 @@ CLASSES = ["ants", "bees"]
 def exported(tmp_path):
     torch.manual_seed(0)
     model = create_model("small_cnn", 3).eval()
-    meta = artifact.export(
+    meta = export_artifact(
         model, str(tmp_path), arch="small_cnn", classes=["a", "b", "c"], preprocess=SPEC
     )
     return model, meta, tmp_path
@@ -42,7 +45,7 @@ def all_formats(val_sample, tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("small_cnn", 2).eval()
     folder = tmp_path_factory.mktemp("all-formats")
-    meta = artifact.export(
+    meta = export_artifact(
         model,
         str(folder),
         arch="small_cnn",
@@ -78,12 +81,12 @@ def test_meta_describes_the_model(exported):
     ):
         assert key in meta
     assert meta["num_classes"] == 3 and meta["crop"] == 32
-    assert meta["parity"]["sample"] == artifact.RANDOM_SAMPLE  # no real images were given
+    assert meta["parity"]["sample"] == RANDOM_SAMPLE  # no real images were given
 
 
 def test_loaded_artifact_matches_eager(exported):
     model, _, folder = exported
-    loaded = artifact.load(str(folder))
+    loaded = load_torch(str(folder))
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), model(x), atol=1e-5)
@@ -92,7 +95,7 @@ def test_loaded_artifact_matches_eager(exported):
 
 def test_probabilities_are_the_softmax_of_the_logits_of_normalized_pixels(exported):
     model, _, folder = exported
-    loaded = artifact.load(str(folder))
+    loaded = load_torch(str(folder))
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     on_device = loaded.to_device(pixels.numpy())
     assert on_device.device == torch.device("cpu") and torch.equal(on_device, pixels)
@@ -107,7 +110,7 @@ def test_tampered_model_file_is_refused(exported):
     _, _, folder = exported
     (folder / "model.ts").write_bytes((folder / "model.ts").read_bytes() + b"\0")
     with pytest.raises(ModelLoadError, match="sha256"):
-        artifact.load(str(folder))
+        load_torch(str(folder))
 
 
 def test_one_folder_holds_every_format_each_with_its_sha256(all_formats):
@@ -128,7 +131,7 @@ def test_onnx_round_trip_matches_eager_on_real_images(all_formats, val_sample):
     model, meta, folder = all_formats
     assert meta["parity"]["onnx"]["max_abs_logit_diff"] <= formats.ONNX_ATOL == 1e-3
     assert meta["parity"]["onnx"]["top1_agreement"] == 1.0
-    loaded = artifact.load(str(folder))
+    loaded = load_torch(str(folder))
     assert loaded.format == "onnx" and loaded.model_id == meta["sha256"][:12]
     images = val_sample.images
     with torch.inference_mode():
@@ -148,7 +151,7 @@ def test_int8_agrees_with_fp32_and_records_the_accuracy_drop(all_formats, val_sa
     assert report["accuracy_drop"] == pytest.approx(
         report["accuracy_fp32"] - report["accuracy_int8"]
     )
-    loaded = artifact.load(str(folder), format="int8")
+    loaded = load_torch(str(folder), format="int8")
     assert loaded.format == "int8" and loaded.model_id == meta["file_sha256"]["int8"][:12]
     with torch.inference_mode():
         same = model(val_sample.images).argmax(1) == loaded.module(val_sample.images).argmax(1)
@@ -161,7 +164,7 @@ def test_torchscript_is_fed_channels_last_batches_and_onnx_contiguous_ones(
 ):
     _, _, folder = all_formats
     x = val_sample.images[:4]
-    loaded = artifact.load(str(folder), format=fmt)
+    loaded = load_torch(str(folder), format=fmt)
     module, seen = loaded.module, []
     loaded.module = lambda batch: seen.append(batch) or module(batch)
     with torch.no_grad():
@@ -171,16 +174,16 @@ def test_torchscript_is_fed_channels_last_batches_and_onnx_contiguous_ones(
 
 def test_load_picks_the_default_format_or_the_one_asked_for(all_formats):
     _, _, folder = all_formats
-    assert artifact.load(str(folder)).format == "onnx"
-    torchscript = artifact.load(str(folder), format="torchscript")
+    assert load_torch(str(folder)).format == "onnx"
+    torchscript = load_torch(str(folder), format="torchscript")
     assert isinstance(torchscript.module, torch.jit.ScriptModule)
-    assert isinstance(artifact.load(str(folder), format="int8").module, formats.OnnxModule)
+    assert isinstance(load_torch(str(folder), format="int8").module, formats.OnnxModule)
 
 
 def test_a_format_the_artifact_lacks_is_a_usage_error(exported):
     _, _, folder = exported
     with pytest.raises(UsageError, match="holds only torchscript"):
-        artifact.load(str(folder), format="onnx")
+        load_torch(str(folder), format="onnx")
 
 
 def copy_with_one_byte_changed(all_formats, folder, name):
@@ -195,9 +198,9 @@ def copy_with_one_byte_changed(all_formats, folder, name):
 
 def test_sha_mismatch_of_the_loaded_file_is_refused(all_formats, tmp_path):
     copy = copy_with_one_byte_changed(all_formats, tmp_path / "copy", "model.int8.onnx")
-    artifact.load(copy, format="onnx")  # the other files are untouched
+    load_torch(copy, format="onnx")  # the other files are untouched
     with pytest.raises(ModelLoadError, match="model.int8.onnx does not match its sha256"):
-        artifact.load(copy, format="int8")
+        load_torch(copy, format="int8")
 
 
 def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxruntime_alone(
@@ -205,7 +208,7 @@ def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxrunt
 ):
     _, meta, folder = all_formats
     on_cpu = load_classifier(str(folder), prefer_gpu=False, threads=1)
-    through_torch = artifact.load(str(folder))
+    through_torch = load_torch(str(folder))
     assert isinstance(on_cpu, OnnxCpuClassifier) and through_torch.format == on_cpu.format == "onnx"
     pixels = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     probs = on_cpu.predict_proba(pixels)
@@ -213,8 +216,8 @@ def test_an_onnx_artifact_on_the_cpu_gives_torchs_probabilities_through_onnxrunt
     assert np.allclose(probs, through_torch.predict_proba(pixels), atol=1e-6)
     assert on_cpu.classes == CLASSES and on_cpu.model_id == meta["sha256"][:12]
     # TorchScript, and any artifact beside a GPU, load through torch.
-    assert isinstance(load_classifier(str(exported[2]), prefer_gpu=False), artifact.Artifact)
-    assert isinstance(load_classifier(str(folder), prefer_gpu=True), artifact.Artifact)
+    assert isinstance(load_classifier(str(exported[2]), prefer_gpu=False), TorchClassifier)
+    assert isinstance(load_classifier(str(folder), prefer_gpu=True), TorchClassifier)
 
 
 def test_the_onnx_cpu_classifier_runs_a_few_images_a_call_with_the_same_probabilities(
@@ -235,7 +238,7 @@ def test_the_onnx_cpu_classifier_runs_a_few_images_a_call_with_the_same_probabil
             return session.run(outputs, feeds)
 
     on_cpu.session = CountingSession()
-    monkeypatch.setattr(classifier, "CALL_PIXELS", 2 * 32 * 32)
+    monkeypatch.setattr(onnx_cpu, "CALL_PIXELS", 2 * 32 * 32)
     assert np.allclose(on_cpu.predict_proba(pixels), whole, atol=1e-6)
     assert calls == [2, 2, 1]
 
@@ -255,7 +258,7 @@ def test_top_k_gives_each_rows_most_probable_classes_best_first():
 
 def export_two_class_cnn(folder, **options):
     """A fresh two-class small CNN exported to ``folder`` with ``options``."""
-    return artifact.export(
+    return export_artifact(
         create_model("small_cnn", 2).eval(),
         str(folder),
         arch="small_cnn",

@@ -281,13 +281,13 @@ def test_resuming_a_run_with_another_model_is_refused_before_ray_starts(tmp_path
 
 
 def test_labelling_into_another_jobs_output_is_refused_before_ray_starts(tmp_path):
-    from clf import artifact
+    from clf.artifact.export import export_artifact
     from clf.images.preprocess import Preprocess
     from clf.models import create_model
 
     model, out = str(tmp_path / "model"), tmp_path / "labels"
     spec = Preprocess(input_size=32, resize=36)
-    artifact.export(
+    export_artifact(
         create_model("small_cnn", 2), model, arch="small_cnn", classes=["a", "b"], preprocess=spec
     )
     out.mkdir()

@@ -14,7 +14,9 @@ import torch
 from conftest import CIFAR, IMAGENET_SAMPLES, imported_by, job_json, run_job
 from PIL import Image
 
-from clf import artifact, baseline, diagnostics, evaluation, plots
+from clf import baseline, diagnostics, evaluation, plots
+from clf.artifact.export import export_artifact
+from clf.artifact.torch_model import load_torch
 from clf.config import IngestConfig
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
@@ -164,7 +166,7 @@ def test_first_layer_filters_are_found_in_torchscript_and_onnx_artifacts(tmp_pat
         torch.nn.Linear(4, 2),
     ).eval()
     spec = Preprocess(input_size=32, resize=36)
-    artifact.export(
+    export_artifact(
         model,
         str(tmp_path),
         arch="tiny",
@@ -172,9 +174,9 @@ def test_first_layer_filters_are_found_in_torchscript_and_onnx_artifacts(tmp_pat
         preprocess=spec,
         formats=("torchscript", "onnx"),
     )
-    scripted = artifact.load(str(tmp_path)).module
+    scripted = load_torch(str(tmp_path)).module
     assert len(scripted.state_dict()) == 0  # frozen: the weights live in the graph
-    onnx_module = artifact.load(str(tmp_path), format="onnx").module
+    onnx_module = load_torch(str(tmp_path), format="onnx").module
 
     expected = model[0].weight.detach().numpy()
     for module in (model, scripted, onnx_module):
@@ -251,7 +253,7 @@ def test_scorer_returns_probabilities_and_zero_rows_for_undecodable_images(tmp_p
         torch.nn.Flatten(),
         torch.nn.Linear(4, 3),
     ).eval()
-    artifact.export(model, str(tmp_path), arch="tiny", classes=CLASSES, preprocess=spec)
+    export_artifact(model, str(tmp_path), arch="tiny", classes=CLASSES, preprocess=spec)
     batch = decode_rows(
         {
             "key": np.array(["x/1.jpg", "x/2.jpg"], dtype=object),

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 from conftest import IMAGENET_SAMPLES, ROOT
 
-from clf import artifact
+from clf.artifact.export import export_artifact
 from clf.images.preprocess import Preprocess
 from clf.ingest import IngestConfig, ingest
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
@@ -179,7 +179,7 @@ def small_artifact(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("small-artifact"))
     net = create_model("small_cnn", 3).eval()
     spec = Preprocess(input_size=64, resize=72)
-    artifact.export(net, out, arch="small_cnn", classes=["a", "b", "c"], preprocess=spec)
+    export_artifact(net, out, arch="small_cnn", classes=["a", "b", "c"], preprocess=spec)
     return out
 
 

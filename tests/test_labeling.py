@@ -10,8 +10,8 @@ import torch
 from conftest import imported_by
 from PIL import Image
 
-from clf import artifact
-from clf.artifact_meta import read_meta
+from clf.artifact.export import export_artifact
+from clf.artifact.meta import read_meta
 from clf.decode_tasks import decode_batch, read_batch
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
@@ -46,7 +46,7 @@ def test_decode_batch_turns_every_file_into_pixels_or_a_reason(bad_files_dir):
 
 def export_small_cnn(folder, formats=("torchscript",)) -> str:
     torch.manual_seed(0)
-    artifact.export(
+    export_artifact(
         create_model("small_cnn", 4).eval(),
         str(folder),
         arch="small_cnn",
@@ -286,7 +286,7 @@ def test_decoding_on_the_device_gives_every_input_the_cpu_paths_answer(messy_arc
     torch.manual_seed(0)
     spec = Preprocess()
     art = str(tmp_path)
-    artifact.export(
+    export_artifact(
         create_model("small_cnn", 4).eval(),
         art,
         arch="small_cnn",
@@ -319,7 +319,7 @@ def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_arch
 def test_the_label_actor_starts_without_torchvision():
     """torchvision's import pulls in torch._dynamo: 1.3 s more on the critical path of every
     labelling job, whose actor is what the pipeline waits for on a CPU node."""
-    assert imported_by("clf.labeling, clf.artifact, clf.images.nvjpeg", {"torchvision"}) == []
+    assert imported_by("clf.labeling, clf.artifact.torch_model, clf.images.nvjpeg", {"torchvision"}) == []
 
 
 def test_the_job_process_labels_without_importing_torch():

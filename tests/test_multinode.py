@@ -24,7 +24,8 @@ import ray
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES
 from ray.cluster_utils import Cluster
 
-from clf import artifact, labeling, runtime
+from clf import labeling, runtime
+from clf.artifact.export import export_artifact
 from clf.config import DataConfig, LabelConfig, ModelConfig, TrainConfig
 from clf.images.preprocess import Preprocess
 from clf.ingest import IngestConfig, ingest
@@ -76,7 +77,7 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
         os.symlink(IMAGENET_SAMPLES / name, src / name)
     net = create_model("small_cnn", 3).eval()
     spec = Preprocess(input_size=32, resize=36)
-    artifact.export(net, model, arch="small_cnn", classes=["a", "b", "c"], preprocess=spec)
+    export_artifact(net, model, arch="small_cnn", classes=["a", "b", "c"], preprocess=spec)
 
     decodes, predictors = tmp_path / "decodes", tmp_path / "predictors"
     decodes.mkdir(), predictors.mkdir()

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from clf import artifact, models, runtime, storage
+from clf import models, runtime, storage
+from clf.artifact.export import export_artifact
 from clf.checks import check_train
 from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
@@ -159,7 +160,7 @@ def export_run(
 
     Parity is checked on ``sample``, by default the first 256 images of the run's val split.
     """
-    from clf.exporting import load_sample
+    from clf.artifact.sample import load_sample
 
     config_uri = storage.join(run, "config.json")
     if not storage.exists(config_uri):
@@ -181,7 +182,7 @@ def export_run(
         val = storage.join(resolved["data"]["path"], "val")
         sample = val if storage.is_dir(val) else None  # data moved away: packaged photos
     images = load_sample(sample, spec, classes)
-    artifact.export(
+    export_artifact(
         model,
         output,
         arch=resolved["model"]["name"],

@@ -1,10 +1,6 @@
-"""The model behind the label and evaluate actors and jobs.predict: uint8 pixel batches in,
-class probabilities out, both numpy.
-
-An ONNX artifact on the CPU runs on onnxruntime and numpy alone, so its process never imports
-torch: 2.3 s of CPU that a CPU labelling job paid before its first batch, while decode tasks
-needed the same cores. Anything else (TorchScript, a GPU) loads through ``clf.artifact``.
-"""
+"""An ONNX artifact on the CPU, run by onnxruntime and numpy alone: its process never imports
+torch, which a CPU labelling job would otherwise pay for before its first batch while decode
+tasks need the same cores (RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -12,11 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from clf import runtime
-from clf.artifact_meta import check_format_in, file_sha256, read_meta, read_model_file
+from clf.artifact.meta import file_sha256, read_model_file
 from clf.images.preprocess import Preprocess
-
-ONNX_FORMATS = ("onnx", "int8")
 
 
 def onnx_session(blob: bytes, threads: int | None, cuda: bool = False):
@@ -42,20 +35,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, class indices) of each row's ``k`` most probable classes, best first."""
-    indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(probs, indices, axis=1), indices
-
-
 # Pixels per onnxruntime call on a CPU: a few images' activations stay in cache. MobileNetV2,
 # 2 threads: 9.0 ms of CPU an image at 4 images (224 px) a call, 9.8-11.1 ms at 64 (RESULTS.md).
 CALL_PIXELS = 4 * 224 * 224
 
 
 class OnnxCpuClassifier:
-    """An ONNX artifact in onnxruntime on the CPU, with the ``Artifact`` attributes the actors
-    use."""
+    """An ONNX artifact in onnxruntime on the CPU: a ``Classifier``."""
 
     device = "cpu"
 
@@ -92,20 +78,3 @@ class OnnxCpuClassifier:
         normalized = self.preprocess.normalize_array(pixels)
         (logits,) = self.session.run(None, {self.input_name: normalized})
         return logits.astype(np.float32, copy=False)
-
-
-def load_classifier(
-    uri: str, prefer_gpu: bool, threads: int | None = None, format: str | None = None
-) -> Any:
-    """The artifact at ``uri`` in its default format or ``format``: ``OnnxCpuClassifier`` for an
-    ONNX format off the GPU, else ``clf.artifact.Artifact``, on the GPU when there is one.
-    ``threads``: CPU threads for the model (None: the runtime's default)."""
-    meta = read_meta(uri)
-    fmt = check_format_in(meta, uri, format)
-    if not prefer_gpu and fmt in ONNX_FORMATS:
-        return OnnxCpuClassifier(uri, threads and runtime.cpu_threads(threads), fmt, meta)
-    from clf import artifact
-
-    if threads:
-        runtime.use_cpu_threads(threads)
-    return artifact.load(uri, runtime.torch_device(prefer_gpu), fmt)

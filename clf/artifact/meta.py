@@ -10,6 +10,7 @@ from clf import storage
 from clf.errors import ModelLoadError, UsageError
 
 FORMATS = ("torchscript", "onnx", "int8")
+FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -43,3 +44,20 @@ def read_model_file(
     if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
         raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
     return meta, fmt, blob
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``torchscript,onnx`` -> ("torchscript", "onnx"), checked."""
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    check_formats(formats)
+    return formats
+
+
+def check_formats(formats: tuple[str, ...]) -> None:
+    if not formats:
+        raise UsageError(f"--format: give at least one of {', '.join(FORMATS)}")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    if len(set(formats)) != len(formats):
+        raise UsageError(f"--format {','.join(formats)}: a format is listed twice")

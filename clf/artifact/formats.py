@@ -25,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from clf.classifier import onnx_session
+from clf.artifact.onnx_cpu import onnx_session
 from clf.errors import ModelLoadError
 
-FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "int8": "model.int8.onnx"}
 TORCHSCRIPT_ATOL = 1e-4
 ONNX_ATOL = 1e-3
 INT8_MIN_AGREEMENT = 0.99

@@ -1,22 +1,17 @@
-"""Artifacts from a training run, or straight from pretrained weights with no training.
-
-Every export is checked on real images (``load_sample``): the run's val shards, a folder the
-user names, or failing both the handful of photos that ship inside scikit-image and scikit-learn.
-"""
+"""The real images every export is checked on: the run's val shards, a folder or shards the user
+names, or failing both the handful of photos that ship inside scikit-image and scikit-learn."""
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clf import artifact, models, storage
+from clf import storage
 from clf.errors import UsageError
 from clf.images.decode import DecodeError, decode_image
 from clf.images.preprocess import Preprocess
@@ -31,22 +26,6 @@ class Sample:
     images: torch.Tensor  # normalized float NCHW
     labels: torch.Tensor | None  # indices into the model's classes, when the source has them
     source: str
-
-
-def resolve_classes(spec: str) -> list[str]:
-    """``imagenet`` (names shipped in torchvision), a classes.json, or a text file, one per line."""
-    if spec == "imagenet":
-        return models.imagenet_classes()
-    if not storage.exists(spec):
-        raise UsageError(f"--classes {spec}: not found (give a file or 'imagenet')")
-    text = storage.read_bytes(spec).decode()
-    if spec.endswith(".json"):
-        classes = json.loads(text)
-    else:
-        classes = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(classes, list) or not classes:
-        raise UsageError(f"--classes {spec}: expected a non-empty list of class names")
-    return [str(c) for c in classes]
 
 
 def check_sample_uri(uri: str) -> None:
@@ -126,35 +105,3 @@ def _packaged(spec: Preprocess) -> Sample:
     images = [transform(Image.fromarray(a).convert("RGB")) for a in arrays]
     source = f"{len(images)} photos shipped in scikit-image and scikit-learn"
     return Sample(spec.normalize(torch.stack(images)), None, source)
-
-
-def from_pretrained(
-    name: str,
-    pretrained: str,
-    classes_spec: str,
-    output: str,
-    formats: tuple[str, ...] = ("torchscript",),
-    sample: str | None = None,
-    min_int8_agreement: float | None = None,
-) -> dict[str, Any]:
-    models.check_model_name(name)
-    classes = resolve_classes(classes_spec)
-    model = models.create_model(name, len(classes), pretrained=pretrained, with_head=True)
-    spec = models.default_preprocess(name, model)
-    images = load_sample(sample, spec, classes)
-    return artifact.export(
-        model,
-        output,
-        arch=name,
-        classes=classes,
-        preprocess=spec,
-        formats=tuple(formats),
-        source_run=None,
-        metrics={
-            "pretrained": storage.normalize(pretrained) if "://" not in pretrained else pretrained
-        },
-        sample=images.images,
-        labels=images.labels,
-        sample_source=images.source,
-        min_int8_agreement=min_int8_agreement,
-    )
