@@ -191,7 +191,8 @@ def run_ray(args, data_pattern: bool) -> dict:
 
 
 def run_jobs_train(args) -> dict:
-    from clf.ingest import IngestConfig, ingest
+    from clf.config import IngestConfig
+    from clf.dataset.ingest import ingest
 
     work = scratch_dir("bench-jobs-")
     shards, run = os.path.join(work, "shards"), os.path.join(work, "run")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import ImageOps
 
 from clf import evaluation, storage
 from clf.config import BASELINE_MODEL
+from clf.dataset.shards import list_shards, read_shard
 from clf.errors import ModelLoadError, UsageError
 from clf.images.decode import DecodeError, decode_image
 
@@ -47,14 +47,13 @@ class Featurized:
 def featurize_shards(uri: str, size: int) -> Featurized:
     """Read the Parquet shards under ``uri`` one at a time on this process (no cluster needed;
     only features stay in memory, never the encoded images)."""
-    files = [f for f in storage.list_files(uri) if f.endswith(".parquet")]
+    files = list_shards(uri)
     if not files:
         raise UsageError(f"{uri}: no Parquet image shards (is it a jobs.ingest split?)")
     rows, labels = [], []
     out = Featurized(np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
     for shard in files:
-        fs, path = storage.resolve(shard)
-        table = pq.read_table(path, filesystem=fs, columns=["key", "image", "label"])
+        table = read_shard(shard, ["key", "image", "label"])
         for key, data, label in zip(*(table[c].to_pylist() for c in ("key", "image", "label"))):
             try:
                 rows.append(hog_features(data, size))
@@ -204,7 +203,7 @@ def train_baseline(
     ``data`` is a jobs.ingest output (DST). Returns the saved ``meta.json``, whose ``metrics``
     hold the val report's metrics.
     """
-    from clf.ingest import read_classes
+    from clf.dataset.shards import read_classes
 
     classes = read_classes(data)
     model = fit_on_shards(storage.join(data, "train"), classes, size, progress)

@@ -11,8 +11,8 @@ from typing import Any
 from clf import storage
 from clf.artifact.meta import read_meta
 from clf.config import BASELINE_MODEL, LabelConfig, TrainConfig
+from clf.dataset.shards import read_classes
 from clf.errors import UsageError
-from clf.ingest import read_classes
 
 
 def check_train(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:

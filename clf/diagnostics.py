@@ -7,12 +7,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import ImageOps
 
-from clf import plots, storage
+from clf import plots
 from clf.artifact.formats import OnnxModule
+from clf.dataset.shards import read_shard
 from clf.images.decode import DecodeError, decode_image
 
 THUMBNAIL = 192
@@ -92,10 +92,7 @@ def read_shard_images(refs: Sequence[tuple[str, str]]) -> list[bytes]:
         wanted[shard].add(key)
     found: dict[tuple[str, str], bytes] = {}
     for shard, keys in wanted.items():
-        fs, path = storage.resolve(shard)
-        table = pq.read_table(
-            path, filesystem=fs, columns=["key", "image"], filters=[("key", "in", sorted(keys))]
-        )
+        table = read_shard(shard, ["key", "image"], keys)
         for key, data in zip(table["key"].to_pylist(), table["image"].to_pylist()):
             found[(shard, key)] = data
     return [found.get(ref, b"") for ref in refs]

@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from clf import baseline, diagnostics, evaluation, runtime, storage
 from clf.artifact.meta import read_meta
 from clf.artifact.torch_model import load_torch
 from clf.config import EvaluateConfig
+from clf.dataset.shards import list_shards, read_classes, row_count
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
-from clf.ingest import read_classes
 from clf.labeling import decode_then_infer, pool_size
 from clf.scoring import Scorer
 
@@ -81,21 +80,21 @@ def check(cfg: EvaluateConfig) -> Target:
     cfg.validate()
     if storage.exists(storage.join(cfg.data, "classes.json")):
         raise UsageError(f"--data {cfg.data}: give one split of it, such as {cfg.data}/test")
-    shards = [f for f in storage.list_files(cfg.data) if f.endswith(".parquet")]
+    shards = list_shards(cfg.data)
     if not shards:
         raise UsageError(f"--data {cfg.data}: no Parquet image shards (give DST/test)")
     data_classes = read_classes(_parent(cfg.data))
     if cfg.fits_baseline:
         if not cfg.train:
             raise UsageError(f"--model {baseline.NAME} needs --train DST/train to fit on")
-        if not any(f.endswith(".parquet") for f in storage.list_files(cfg.train)):
+        if not list_shards(cfg.train):
             raise UsageError(f"--train {cfg.train}: no Parquet image shards")
         train_classes = read_classes(_parent(cfg.train))
         meta = {"format": baseline.NAME, "arch": baseline.NAME, "classes": train_classes}
     else:
         meta = read_meta(cfg.model)
     label_map, matched_by = align_classes(data_classes, list(meta["classes"]))
-    images = sum(_row_count(s) for s in shards)
+    images = sum(row_count(s) for s in shards)
     return Target(meta, list(meta["classes"]), label_map, matched_by, shards, images)
 
 
@@ -120,12 +119,6 @@ def _parent(uri: str) -> str:
     return (
         "s3://" + posixpath.dirname(uri[5:]) if uri.startswith("s3://") else posixpath.dirname(uri)
     )
-
-
-def _row_count(shard: str) -> int:
-    fs, path = storage.resolve(shard)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 # ------------------------------------------------------------------------------------------

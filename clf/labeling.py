@@ -25,6 +25,7 @@ from clf import runtime, storage
 from clf.artifact.classifier import load_classifier, top_k
 from clf.checks import LABEL_JOB_FILE, check_label, label_job
 from clf.config import DEFAULT_MAX_PIXELS, EvaluateConfig, LabelConfig
+from clf.dataset.shards import read_shard
 from clf.decode_tasks import decode_batch, read_batch
 from clf.errors import ClfError, UsageError
 from clf.images.preprocess import Preprocess
@@ -79,8 +80,7 @@ def list_inputs(uri: str) -> Inputs:
     if files and all(f.endswith(".parquet") for f in files):
         uris = []
         for shard in files:
-            fs, path = storage.resolve(shard)
-            keys = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_pylist()
+            keys = read_shard(shard, ["key"]).column("key").to_pylist()
             uris += [f"{shard}#{key}" for key in keys]
         return Inputs("shards", uris)
     return Inputs("files", files)

@@ -6,8 +6,8 @@ from dataclasses import asdict
 
 from clf import cli, runtime, storage
 from clf.config import IngestConfig
+from clf.dataset.ingest import ingest, write_shard
 from clf.errors import UsageError
-from clf.ingest import ingest, write_shard
 
 
 def build_parser():

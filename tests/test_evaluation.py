@@ -18,11 +18,11 @@ from clf import baseline, diagnostics, evaluation, plots
 from clf.artifact.export import export_artifact
 from clf.artifact.torch_model import load_torch
 from clf.config import IngestConfig
+from clf.dataset.ingest import ingest
 from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
 from clf.evaluating import EvaluateConfig, align_classes, check, evaluate
 from clf.images.preprocess import Preprocess
-from clf.ingest import ingest
 from clf.scoring import Scorer
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).

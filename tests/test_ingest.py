@@ -7,8 +7,8 @@ import pytest
 from conftest import HYMENOPTERA, job_json, run_in_process
 
 from clf.config import IngestConfig
+from clf.dataset.ingest import ingest, plan
 from clf.errors import UsageError
-from clf.ingest import ingest, plan
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,9 @@ import pytest
 from conftest import IMAGENET_SAMPLES, ROOT
 
 from clf.artifact.export import export_artifact
+from clf.config import IngestConfig
+from clf.dataset.ingest import ingest
 from clf.images.preprocess import Preprocess
-from clf.ingest import IngestConfig, ingest
 from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.labeling import list_inputs, read_rows
 from clf.models import create_model

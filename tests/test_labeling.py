@@ -319,7 +319,10 @@ def test_device_decoded_pixels_match_the_cpu_decode_within_resampling(messy_arch
 def test_the_label_actor_starts_without_torchvision():
     """torchvision's import pulls in torch._dynamo: 1.3 s more on the critical path of every
     labelling job, whose actor is what the pipeline waits for on a CPU node."""
-    assert imported_by("clf.labeling, clf.artifact.torch_model, clf.images.nvjpeg", {"torchvision"}) == []
+    assert (
+        imported_by("clf.labeling, clf.artifact.torch_model, clf.images.nvjpeg", {"torchvision"})
+        == []
+    )
 
 
 def test_the_job_process_labels_without_importing_torch():

@@ -26,9 +26,9 @@ from ray.cluster_utils import Cluster
 
 from clf import labeling, runtime
 from clf.artifact.export import export_artifact
-from clf.config import DataConfig, LabelConfig, ModelConfig, TrainConfig
+from clf.config import DataConfig, IngestConfig, LabelConfig, ModelConfig, TrainConfig
+from clf.dataset.ingest import ingest
 from clf.images.preprocess import Preprocess
-from clf.ingest import IngestConfig, ingest
 from clf.models import create_model
 
 pytestmark = pytest.mark.slow

@@ -206,7 +206,7 @@ def test_an_ingest_from_a_bucket_reads_each_image_once_with_reads_in_flight(
     import pyarrow.parquet as pq
 
     from clf.config import IngestConfig
-    from clf.ingest import ingest
+    from clf.dataset.ingest import ingest
 
     keys = [
         f"{c}/{n}" for c in ("cat", "dog") for n in sorted(os.listdir(CIFAR / "train" / c))[:20]

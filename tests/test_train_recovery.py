@@ -13,7 +13,8 @@ import psutil
 import pytest
 from conftest import HYMENOPTERA, ROOT
 
-from clf.ingest import IngestConfig, ingest
+from clf.config import IngestConfig
+from clf.dataset.ingest import ingest
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,18 @@ from conftest import HYMENOPTERA
 from PIL import Image
 
 from clf import storage
-from clf.config import AugmentConfig, ScheduleConfig, TrainConfig, from_dict, merge, to_dict
+from clf.config import (
+    AugmentConfig,
+    IngestConfig,
+    ScheduleConfig,
+    TrainConfig,
+    from_dict,
+    merge,
+    to_dict,
+)
+from clf.dataset.ingest import ingest
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import batch_mixer
-from clf.ingest import IngestConfig, ingest
 from clf.models import create_model, head_parameter_names
 from clf.training import data, metrics
 from clf.training.data import (

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from clf import storage
+from clf.dataset.shards import list_shards, read_shard
 from clf.images.decode import DecodeError, decode_image
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import decode_size, eval_transform, train_transform
@@ -30,12 +30,8 @@ CACHED_SPLIT_BYTES = 256 * 2**20
 
 def read_small_split(data: str, split: str) -> pa.Table:
     """A split's (image, label) rows in file order, read in this process."""
-    tables = []
-    for uri in storage.list_files(storage.join(data, split)):
-        if uri.endswith(".parquet"):
-            fs, path = storage.resolve(uri)
-            tables.append(pq.read_table(path, filesystem=fs, columns=["image", "label"]))
-    return pa.concat_tables(tables)
+    shards = list_shards(storage.join(data, split))
+    return pa.concat_tables([read_shard(s, ["image", "label"]) for s in shards])
 
 
 def split_blocks(
@@ -106,11 +102,8 @@ def shard_name(split: str, rank: int, streamed: Collection[str] = ()) -> str:
 def iter_rows(data: str, split: str, limit: int) -> Iterator[tuple[bytes, int]]:
     """The first ``limit`` (image bytes, label) rows of a split, read without Ray."""
     seen = 0
-    for uri in storage.list_files(storage.join(data, split)):
-        if not uri.endswith(".parquet"):
-            continue
-        fs, path = storage.resolve(uri)
-        table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+    for shard in list_shards(storage.join(data, split)):
+        table = read_shard(shard, ["image", "label"])
         for image, label in zip(table.column("image").to_pylist(), table.column("label")):
             if seen == limit:
                 return

@@ -20,18 +20,9 @@ import pyarrow.parquet as pq
 
 from clf import storage
 from clf.config import IngestConfig
+from clf.dataset.shards import SHARD_SCHEMA, SPLITS, list_shards
 from clf.errors import UsageError
 from clf.images.decode import DecodeError, decode_image
-
-SPLITS = ("train", "val", "test")
-SHARD_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("image", pa.binary()),
-        ("label", pa.int32()),
-        ("label_name", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -253,13 +244,6 @@ def ingest(
 
 def _remove_stale_shards(dst: str, keep: set[str]) -> None:
     for split in SPLITS:
-        for uri in storage.list_files(storage.join(dst, split)):
-            if uri.endswith(".parquet") and uri not in keep:
+        for uri in list_shards(storage.join(dst, split)):
+            if uri not in keep:
                 storage.delete(uri)
-
-
-def read_classes(dst: str) -> list[str]:
-    uri = storage.join(dst, "classes.json")
-    if not storage.exists(uri):
-        raise UsageError(f"{dst}: no classes.json (is it a jobs.ingest output?)")
-    return list(storage.read_json(uri))
