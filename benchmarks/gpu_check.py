@@ -25,10 +25,10 @@ import torch
 
 from clf.artifact.export import export_artifact, from_pretrained
 from clf.artifact.meta import read_meta
-from clf.decode_tasks import decode_batch, read_batch
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
-from clf.labeling import Predictor
+from clf.inference.pixels import decode_batch, read_batch
+from clf.label.predictor import Predictor
 from clf.models import create_model
 
 

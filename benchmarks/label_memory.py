@@ -37,16 +37,15 @@ def child(folder: str, work: str) -> None:
     from clf import runtime
     from clf.artifact.export import from_pretrained
     from clf.config import LabelConfig
-    from clf.labeling import label
+    from clf.label.checks import check_label
+    from clf.label.job import label
 
     art = os.path.join(work, "art")
     # ONNX: the CPU format, and the 20k run takes half as long as with TorchScript.
     from_pretrained("mobilenet_v2", mobilenet_weights(), "imagenet", art, ("onnx",))
     runtime.init_ray(streaming=True)  # as jobs.label does
-    summary = label(
-        LabelConfig(model=art, input=folder, output=os.path.join(work, "out")),
-        progress=lambda line: print(line, flush=True),
-    )
+    cfg = LabelConfig(model=art, input=folder, output=os.path.join(work, "out"))
+    summary = label(cfg, check_label(cfg), progress=lambda line: print(line, flush=True))
     stats = memory_summary(stats_only=True)
     spilled = re.search(r"Spilled (\d+) MiB", stats)
     print(

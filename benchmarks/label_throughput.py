@@ -289,8 +289,8 @@ def run_bound_artifact(files: list[str], out: str, arch: str, weights: str) -> f
     from clf.artifact.classifier import load_classifier, top_k
     from clf.artifact.meta import read_meta
     from clf.config import DEFAULT_MAX_PIXELS, LabelConfig
-    from clf.decode_tasks import decode_batch
     from clf.images.preprocess import Preprocess
+    from clf.inference.pixels import decode_batch
 
     art = export_artifact(arch, weights)
     cuda = gpu()

@@ -200,7 +200,7 @@ def memory(args, label_args: list[str]) -> None:
 
 
 def listing(args) -> None:
-    from clf.labeling import list_inputs
+    from clf.label.inputs import list_inputs
 
     keys = args.listing_keys
     with moto_server(free_port(), keys={f"{BUCKET}/listing": keys}) as moto:

@@ -170,71 +170,67 @@ class IngestConfig:
 
 
 @dataclass
-class LabelConfig:
+class PoolConfig:
+    """What jobs.label and jobs.evaluate share: the model, its actor pool and the decoding."""
+
     model: str = ""  # artifact folder or URI
-    input: str = ""  # folder/prefix of image files, or of Parquet image shards
-    output: str = ""  # folder/prefix for Parquet label rows
+    output: str = ""  # folder or prefix the job writes
     top_k: int = 5
-    batch_size: int = 64  # images per predictor batch
+    batch_size: int = 64  # images per model actor batch
     actors: int | None = None  # None: one per GPU, or a CPU-sized pool
     gpus_per_actor: float = 1.0
     device: Device = "auto"
-    skip_existing: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Images per decode batch of shard rows, and the fewest per decode task of listed files.
     decode_batch_size: int = 32
+
+    def validate(self) -> PoolConfig:
+        for key in ("model", "output"):
+            if not getattr(self, key):
+                raise UsageError(f"--{key} is required")
+        for key in ("top_k", "batch_size", "max_pixels", "decode_batch_size"):
+            _at_least_one(key, getattr(self, key))
+        if self.actors is not None:
+            _at_least_one("actors", self.actors)
+        _gpu_share(self.gpus_per_actor)
+        return self
+
+
+@dataclass
+class LabelConfig(PoolConfig):
+    input: str = ""  # folder/prefix of image files, or of Parquet image shards
+    skip_existing: bool = False
     read_concurrency: int = DEFAULT_READ_CONCURRENCY  # object reads in flight per decode task
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
     rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
 
     def validate(self) -> LabelConfig:
-        _gpu_share(self.gpus_per_actor)
-        _positive(
-            self,
-            "top_k",
-            "batch_size",
-            "max_pixels",
-            "decode_batch_size",
-            "progress_every",
-            "rows_per_file",
-        )
-        if self.actors is not None and self.actors < 1:
-            raise UsageError(f"--actors must be at least 1, got {self.actors}")
+        if not self.input:
+            raise UsageError("--input is required")
+        super().validate()
+        _positive(self, "progress_every", "rows_per_file")
         _read_concurrency(self.read_concurrency)
         return self
 
 
 @dataclass
-class EvaluateConfig:
-    model: str = ""  # artifact folder or URI, or "hog_svm" (fit on ``train`` first)
+class EvaluateConfig(PoolConfig):
+    """``model`` may also be "hog_svm": the baseline, fit on ``train`` first."""
+
     data: str = ""  # a split of jobs.ingest shards, DST/test; classes.json sits in DST
-    output: str = ""  # folder or prefix for the report files
-    top_k: int = 5
-    batch_size: int = 64  # images per predictor batch
-    actors: int | None = None  # None: one per GPU, or a CPU-sized pool
-    gpus_per_actor: float = 1.0
-    device: Device = "auto"
     diagnostics: bool = False  # also filters.png and confident_mistakes.png
     train: str | None = None  # hog_svm: the training split, DST/train
     baseline_size: int = 64  # hog_svm: HOG image side
     confused_pairs: int = 20
     mistakes: int = 16  # images in confident_mistakes.png
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_batch_size: int = 32  # images per CPU decode task
 
     def validate(self) -> EvaluateConfig:
-        for key in ("model", "data", "output"):
-            if not getattr(self, key):
-                raise UsageError(f"--{key} is required")
-        for key in ("top_k", "batch_size", "confused_pairs", "mistakes", "decode_batch_size"):
-            if getattr(self, key) < 1:
-                raise UsageError(
-                    f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}"
-                )
-        if self.actors is not None and self.actors < 1:
-            raise UsageError(f"--actors must be at least 1, got {self.actors}")
-        _gpu_share(self.gpus_per_actor)
+        if not self.data:
+            raise UsageError("--data is required")
+        super().validate()
+        for key in ("confused_pairs", "mistakes"):
+            _at_least_one(key, getattr(self, key))
         if self.baseline_size < 16:
             raise UsageError(f"--baseline-size must be at least 16, got {self.baseline_size}")
         if self.train and self.model != BASELINE_MODEL:
@@ -390,6 +386,12 @@ def _positive(config: Any, *keys: str) -> None:
     for key in keys:
         if not 0 < get_key(config, key) < math.inf:
             raise UsageError(f"config key {key}: must be positive, got {get_key(config, key)}")
+
+
+# Written as "not (in range)" so that NaN, which fails every comparison, is refused too.
+def _at_least_one(key: str, value: float) -> None:
+    if not 1 <= value < math.inf:
+        raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _read_concurrency(value: int) -> None:

@@ -17,10 +17,9 @@ from clf.errors import UsageError
 FORWARDED_ENV_PREFIXES = ("AWS_", "MALLOC_")
 
 # glibc hands large freed blocks (activations, decoded images) back to the OS after every
-# batch, and on small machines the page faults cost more than the arithmetic: with these,
-# MobileNetV2 inference ran 3x and Ray Train's DataLoader pattern 1.5x faster on 2 cores
-# (benchmarks/RESULTS.md). One arena, no mmap for big blocks and a high trim threshold keep
-# that memory in the process. Set any MALLOC_* variable to take over.
+# batch, and on small machines the page faults cost more than the arithmetic (measured in
+# benchmarks/RESULTS.md). One arena, no mmap for big blocks and a high trim threshold keep that
+# memory in the process. Set any MALLOC_* variable to take over.
 WORKER_ALLOCATOR_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
@@ -30,18 +29,17 @@ WORKER_ALLOCATOR_ENV = {
 
 # Ray keeps one idle worker process per CPU and stops the others after a second idle. Tasks that
 # ask for no CPU, such as the label job's writes, run beside those, so each of them started a
-# fresh Python process (0.8 s of CPU): 7 s of CPU in a 6,000-image label run on 2 cores, and
-# 99-101 -> 109-112 img/s once kept. An embedded Ray keeps this many more; `ray start` reads
-# RAY_num_workers_soft_limit (cluster/local-head.sh sets it).
+# fresh Python process, whose start-up took CPU from decoding (benchmarks/RESULTS.md). An
+# embedded Ray keeps this many more; `ray start` reads RAY_num_workers_soft_limit
+# (cluster/local-head.sh sets it).
 SPARE_WORKERS = 4
 
 # Ray's plasma allocator walks through the whole object store over a long run, and every page it
-# touches stays in shared memory. At Ray's default size (30% of RAM) a 20,000-image label run on
-# 2 cores had touched 648 MiB by its end and was still climbing; with 512 MiB it levelled off at
-# 145 MiB, spilled nothing, and ran as fast (benchmarks/label_memory.py). Jobs that stream
-# (label, evaluate) hold a few blocks in flight, so an embedded Ray for them gets this much, or
-# more on a bigger node: with no limit, 16 CPUs' worth of decode tasks held up to 235 MiB at once
-# (2 cores: 34 MiB), Ray Data lets a job use half the store, and a GPU's batches are bigger.
+# touches stays in shared memory: at Ray's default size (30% of RAM) a long label run's memory
+# kept growing, while a small store levelled off, spilled nothing and ran as fast
+# (benchmarks/label_memory.py, RESULTS.md). Jobs that stream (label, evaluate) hold a few blocks
+# in flight, so an embedded Ray for them gets this much, and more per CPU on a bigger node, whose
+# many decode tasks hold more blocks at once; Ray Data lets a job use half the store.
 STREAMING_OBJECT_STORE_MIN_BYTES = 512 * 2**20
 STREAMING_OBJECT_STORE_BYTES_PER_CPU = 64 * 2**20
 # Ray's own settings for the default size; a user who set one has sized the store.
@@ -57,8 +55,7 @@ _MALLOPT_PARAMS = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_
 def tune_allocator() -> bool:
     """Give this process the workers' allocator settings, on glibc, unless the user set
     ``MALLOC_*`` (which glibc read at start-up). A job's own process runs models too: export
-    parity checks, prediction, the export that ends training. Exporting a MobileNetV2 run with
-    parity on 153 images took 17.8 s without this and 7.8 s with it (2 cores)."""
+    parity checks, prediction, the export that ends training (RESULTS.md measures the gain)."""
     if any(k.startswith("MALLOC_") for k in os.environ) or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
@@ -94,7 +91,7 @@ def init_ray(
     ``dashboard``: the embedded Ray also serves the State API. Ray Train needs it: its
     placement-group cleaner asks every second whether the train controller still lives, and
     without the API it logs a warning each time and could not clean up after a dead controller.
-    Other jobs skip it, saving ~1 s and a dozen processes.
+    Other jobs skip it, and with it a second of start-up and a dozen processes.
 
     ``streaming``: the job streams, so an embedded Ray gets ``streaming_object_store_bytes`` of
     object store. A cluster's store is the cluster's to size.
@@ -118,7 +115,8 @@ def init_ray(
         # None running: an embedded Ray for this machine only, which no other node joins. Ray
         # advertises the machine's address even when told 127.0.0.1, and its ports bind every
         # interface; token auth guards them. A dashboard serves loopback only.
-        cpus = num_cpus or int(ray._private.utils.get_num_cpus())  # as Ray counts: cgroup quotas
+        # Private: no public API counts CPUs as Ray will (cgroup quotas included).
+        cpus = num_cpus or int(ray._private.utils.get_num_cpus())
         os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
         sized_by_user = any(name in os.environ for name in OBJECT_STORE_ENV)
         ray.init(
@@ -137,6 +135,7 @@ def init_ray(
 def streaming_object_store_bytes(cpus: int) -> int:
     """The store for a streaming job on ``cpus`` CPUs, never more than Ray's own default for
     this machine (a container may show more CPUs than its memory could serve)."""
+    # Private: no public API gives Ray's default object store size for this machine.
     from ray._private.utils import estimate_available_memory, resolve_object_store_memory
 
     wanted = max(STREAMING_OBJECT_STORE_MIN_BYTES, cpus * STREAMING_OBJECT_STORE_BYTES_PER_CPU)
@@ -185,6 +184,7 @@ def _cluster_address() -> str | None:
     Not Ray's ``address="auto"``: that also joins any Ray it finds running here, such as
     another process's embedded one, which ends when that process does.
     """
+    # Private: no public API finds the `ray start` of this machine without joining others.
     from ray._private.services import find_bootstrap_address
 
     address = os.environ.get("RAY_ADDRESS")
@@ -198,6 +198,8 @@ def gpu_nodes() -> list[tuple[float, int]]:
     cluster's autoscaler may start (a GPU group scaled to zero), at most one of an unbounded
     group. Without this, a job on a cluster that starts GPU nodes on demand would run on CPU."""
     import ray
+
+    # Private: no public API lists the node groups an autoscaler may start.
     from ray._private.state import state
 
     up = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")]

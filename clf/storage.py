@@ -32,9 +32,9 @@ from clf.errors import StorageError, TransientStorageError
 # with the same backoff; a permanent one (403, 404) is not, and surfaces at once as a
 # StorageError naming the URI. We use the SDK's "default" strategy, exponential backoff
 # from 50 ms: 12 attempts wait out about 100 s of throttling for each request. Not "standard":
-# its retry quota is shared by every request of a process, and under sustained faults (about
-# 15% of requests, measured through tests/faultproxy.py) it runs dry and fails requests on their
-# first error, which a long label or training job must not do. On top of this, Ray Data retries
+# its retry quota is shared by every request of a process, and under sustained faults (a share
+# that tests/faultproxy.py reaches) it runs dry and fails requests on their first error, which a
+# long label or training job must not do. On top of this, Ray Data retries
 # its own Parquet reads (DataContext.retried_io_errors: Ray's defaults already match SLOW_DOWN,
 # NETWORK_CONNECTION, INTERNAL_FAILURE and 503, so we keep them).
 S3_RETRY_ATTEMPTS = 12

@@ -133,7 +133,7 @@ def main() -> None:
             f"{OUT}/labels-{name}",
         )
 
-    from clf.labeling import read_rows
+    from clf.label.output import read_rows
 
     print("\n== summary")
     print(f"validation accuracy (digits, fine-tuned): {trained['best_val_acc']:.3f}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from clf import cli, runtime
-from clf.evaluating import EvaluateConfig, check, evaluate
+from clf.config import EvaluateConfig
+from clf.evaluate.checks import check
 
 
 def build_parser():
@@ -63,7 +64,9 @@ def main() -> None:
     target = check(cfg)
     if not target.is_baseline:  # the baseline runs in this process
         runtime.init_ray(streaming=True)
-    summary = evaluate(cfg, progress=cli.progress(args.json))
+    from clf.evaluate.job import evaluate
+
+    summary = evaluate(cfg, target, progress=cli.progress(args.json))
     m = summary.metrics
     errors = ", ".join(f"{r}: {n}" for r, n in summary.decode_errors.items()) or "none"
     confused = ", ".join(

@@ -77,7 +77,7 @@ def main() -> None:
     elif args.model and "int8" in formats:
         raise UsageError("--format int8 needs --sample: images from your domain to calibrate on")
     if args.run:
-        from clf.training import export_run
+        from clf.training.trainer import export_run
 
         output = export_run(
             args.run,

@@ -51,8 +51,7 @@ def build_parser():
     return p
 
 
-# This process writes a few shards sooner than an embedded Ray starts, runs them and stops
-# (hymenoptera's 2 shards: 3 s here, 15 s as a Ray job on 2 cores).
+# This process writes a few shards sooner than an embedded Ray starts, runs them and stops.
 LOCAL_SHARDS = 3
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from clf import cli, runtime
-from clf.checks import check_label
 from clf.config import LabelConfig
+from clf.label.checks import check_label
 
 
 def build_parser():
@@ -72,11 +72,11 @@ def build_parser():
 def main() -> None:
     args = build_parser().parse_args()
     cfg = cli.config_from_args(LabelConfig, args)
-    check_label(cfg)
-    from clf.labeling import label
+    meta = check_label(cfg)
+    from clf.label.job import label
 
     runtime.init_ray(streaming=True)
-    summary = label(cfg, progress=cli.progress(args.json))
+    summary = label(cfg, meta, progress=cli.progress(args.json))
     errors = ", ".join(f"{reason}: {n}" for reason, n in summary.errors.items()) or "none"
     lines = [
         f"labelled {summary.labelled} images in {summary.seconds:.1f}s "

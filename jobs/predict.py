@@ -44,7 +44,7 @@ def main() -> None:
         if not is_file:
             what = "a folder, not an image file" if storage.exists(image) else "no such file"
             raise UsageError(f"{image}: {what}")
-    from clf.predict import predict
+    from clf.inference.in_process import predict
 
     output = predict(args.model, args.images, args.top_k, args.format)
     cli.emit(output, summary_lines(output), args.json)

@@ -7,7 +7,6 @@ Re-running with the same --output resumes from the last checkpoint.
 from __future__ import annotations
 
 from clf import cli, runtime
-from clf.checks import check_train
 from clf.config import (
     BASELINE_MODEL,
     TrainConfig,
@@ -19,8 +18,9 @@ from clf.config import (
     to_dict,
 )
 from clf.errors import UsageError
+from clf.training.checks import check_train
 
-# flag -> config key; the flags scripts rely on (DESIGN.md) plus a few common ones.
+# flag -> config key: the flags that scripts rely on, plus a few common ones.
 FLAG_KEYS = {
     "data": "data.path",
     "model": "model.name",
@@ -52,53 +52,57 @@ FLAG_KEYS = {
 }
 
 
+def flag(p, name: str, **kwargs) -> None:
+    """A flag of ``FLAG_KEYS``: it defaults to None (not given), so that --config and --set
+    stand, and its help shows the config's own default."""
+    value = get_key(TrainConfig(), FLAG_KEYS[name[2:].replace("-", "_")])
+    text = kwargs.pop("help", "")
+    if value not in (None, "") and "default" not in text:
+        text = f"{text} (default: {value})"
+    p.add_argument(name, help=text, **kwargs)
+
+
 def build_parser():
     p = cli.parser("train", __doc__)
-    p.add_argument("--data", type=cli.location, help="jobs.ingest output (DST)")
-    p.add_argument(
-        "--model", help="small_cnn, a torchvision or a timm model name, or hog_svm (baseline)"
-    )
-    p.add_argument("--output", type=cli.location, help="run folder or s3:// prefix (RUN)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
-    p.add_argument("--epochs", type=int, help="passes over the train split")
-    p.add_argument("--batch-size", type=int, help="per worker")
-    p.add_argument("--lr", type=float, help="peak learning rate, for the global batch")
-    p.add_argument(
-        "--pretrained", type=cli.location, help="state dict path or URI for the backbone"
-    )
-    p.add_argument("--strategy", help="frozen|finetune|two-phase")
-    p.add_argument("--head-epochs", type=int, help="two-phase: epochs of head-only training")
-    p.add_argument(
-        "--input-size", type=int, help="side of the square crop (default: the model's own)"
-    )
-    p.add_argument(
-        "--device", help="auto|cpu|cuda; auto: GPUs if the cluster has or can start GPU nodes"
-    )
-    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation")
-    p.add_argument("--optimizer", help="adamw|sgd")
-    p.add_argument("--schedule", help="cosine|step|onecycle|constant")
-    p.add_argument("--label-smoothing", type=float, help="share of the target spread over classes")
-    p.add_argument(
+    flag(p, "--data", type=cli.location, help="jobs.ingest output (DST)")
+    flag(p, "--model", help="small_cnn, a torchvision or a timm model name, or hog_svm (baseline)")
+    flag(p, "--output", type=cli.location, help="run folder or s3:// prefix (RUN)")
+    flag(p, "--workers", type=int, help="Ray Train workers (default 2)")
+    flag(p, "--epochs", type=int, help="passes over the train split")
+    flag(p, "--batch-size", type=int, help="per worker")
+    flag(p, "--lr", type=float, help="peak learning rate, for the global batch")
+    flag(p, "--pretrained", type=cli.location, help="state dict path or URI for the backbone")
+    flag(p, "--strategy", help="frozen|finetune|two-phase")
+    flag(p, "--head-epochs", type=int, help="two-phase: epochs of head-only training")
+    flag(p, "--input-size", type=int, help="side of the square crop (default: the model's own)")
+    flag(p, "--device", help="auto|cpu|cuda; auto: GPUs if the cluster has or can start GPU nodes")
+    flag(p, "--seed", type=int, help="seed of initialisation, shuffling and augmentation")
+    flag(p, "--optimizer", help="adamw|sgd")
+    flag(p, "--schedule", help="cosine|step|onecycle|constant")
+    flag(p, "--label-smoothing", type=float, help="share of the target spread over classes")
+    flag(
+        p,
         "--discriminative-lr",
         type=float,
         metavar="FACTOR",
         help="lr factor per backbone layer group below the head, e.g. 0.3 (1: off)",
     )
-    p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--class-weights", help="none|balanced loss weights")
-    p.add_argument("--sampler", help="shuffle|balanced (every class equally often)")
-    p.add_argument("--norm", help="model|imagenet|dataset normalisation statistics")
-    p.add_argument("--augment", help="none|trivial|randaugment")
-    p.add_argument("--mixup", type=float, metavar="ALPHA", help="MixUp's Beta(α, α); 0: off")
-    p.add_argument("--cutmix", type=float, metavar="ALPHA", help="CutMix's Beta(α, α); 0: off")
-    p.add_argument("--ema", type=float, metavar="DECAY", help="evaluate and export a weight EMA")
-    p.add_argument(
+    flag(p, "--accumulate", type=int, help="micro-batches per optimizer step")
+    flag(p, "--class-weights", help="none|balanced loss weights")
+    flag(p, "--sampler", help="shuffle|balanced (every class equally often)")
+    flag(p, "--norm", help="model|imagenet|dataset normalisation statistics")
+    flag(p, "--augment", help="none|trivial|randaugment")
+    flag(p, "--mixup", type=float, metavar="ALPHA", help="MixUp's Beta(α, α); 0: off")
+    flag(p, "--cutmix", type=float, metavar="ALPHA", help="CutMix's Beta(α, α); 0: off")
+    flag(p, "--ema", type=float, metavar="DECAY", help="evaluate and export a weight EMA")
+    flag(
+        p,
         "--early-stopping",
         type=int,
         metavar="PATIENCE",
         help="stop after this many epochs without a better val accuracy (default: off)",
     )
-    p.add_argument("--max-failures", type=int, help="worker failures to recover from")
+    flag(p, "--max-failures", type=int, help="worker failures to recover from")
     p.add_argument(
         "--preview-augmentations",
         action="store_true",
@@ -108,14 +112,6 @@ def build_parser():
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override any key"
     )
-    # The flags default to None (not given), so that --config and --set are not overridden;
-    # their help shows the config's own defaults.
-    defaults = TrainConfig()
-    for action in p._actions:
-        if action.dest in FLAG_KEYS and "default" not in (action.help or ""):
-            value = get_key(defaults, FLAG_KEYS[action.dest])
-            if value not in (None, ""):
-                action.help = f"{action.help} (default: {value})"
     return p
 
 
@@ -143,7 +139,8 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def train_baseline(cfg: TrainConfig, as_json: bool) -> None:
-    from clf import baseline, storage
+    from clf import storage
+    from clf.evaluate import baseline
 
     model = storage.join(cfg.output, "model")
     meta = baseline.train_baseline(cfg.data.path, model, progress=cli.progress(as_json))
@@ -160,7 +157,7 @@ def main() -> None:
     cfg = resolve(args)
     if args.preview_augmentations and cfg.model.name == BASELINE_MODEL:
         raise UsageError(f"--preview-augmentations: {BASELINE_MODEL} does not augment images")
-    check_train(cfg)
+    classes, manifest = check_train(cfg)
     if cfg.model.name == BASELINE_MODEL:  # the classical baseline: scikit-learn, no Ray
         return train_baseline(cfg, args.json)
     if args.preview_augmentations:
@@ -173,13 +170,14 @@ def main() -> None:
         )
         cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
         return
-    from clf.training import train
+    from clf.training.trainer import train
 
     runtime.init_ray(dashboard=True)
-    summary = train(cfg, progress=cli.progress(args.json))
+    summary = train(cfg, classes, manifest, progress=cli.progress(args.json))
     last = summary.history[-1] if summary.history else {}
     lines = [
-        f"trained {cfg.model.name} for {summary.epochs_run} epoch lines in {summary.seconds:.0f}s -> {summary.run}",
+        f"trained {cfg.model.name}: {summary.epochs_run} epoch(s) in {summary.seconds:.0f}s "
+        f"-> {summary.run}",
         f"best val accuracy {summary.best_val_acc:.3f} at epoch {summary.best_epoch + 1}; "
         f"last train {last.get('images_per_s', 0):.1f} img/s",
         f"model artifact: {summary.model}",

@@ -359,15 +359,17 @@ def test_export_refuses_pretrained_weights_whose_head_has_another_class_count(
 def test_predict_starts_without_torchvision():
     """It crops as the label job does; torchvision (with torch._dynamo) was 3 s of the 7.9 s
     that one image's prediction took."""
-    assert imported_by("clf.predict", {"torchvision"}) == []
+    assert imported_by("clf.inference.in_process", {"torchvision"}) == []
 
 
 def test_predicting_with_an_onnx_artifact_never_imports_torch(all_formats):
     """torch was 2.3 s of CPU at the start of every prediction, and ONNX does not need it."""
     _, _, folder = all_formats
     bee = str(sorted((HYMENOPTERA / "val" / "bees").iterdir())[0])
-    then = f"assert clf.predict.predict({str(folder)!r}, [{bee!r}])['format'] == 'onnx'"
-    assert imported_by("jobs.predict, clf.predict", {"torch"}, then=then) == []
+    then = (
+        f"assert clf.inference.in_process.predict({str(folder)!r}, [{bee!r}])['format'] == 'onnx'"
+    )
+    assert imported_by("jobs.predict, clf.inference.in_process", {"torch"}, then=then) == []
 
 
 def test_predict_a_format_the_artifact_lacks_is_a_one_line_usage_error(exported):

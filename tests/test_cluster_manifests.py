@@ -186,7 +186,7 @@ def test_the_upload_keeps_the_code_and_leaves_local_bulk_behind():
     from ray._private.thirdparty.pathspec import PathSpec
 
     excluded = PathSpec.from_lines("gitwildmatch", runtime_env()["excludes"]).match_file
-    kept = ["clf/runtime.py", "clf/training/data.py", "jobs/train.py", "jobs/label.py"]
+    kept = ["clf/runtime.py", "clf/training/loader.py", "jobs/train.py", "jobs/label.py"]
     kept += ["pyproject.toml", "cluster/runtime_env.yaml", "examples/recipe.yaml", ".gitignore"]
     dropped = [".venv", ".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", ".git"]
     dropped += ["demo-out", "runs/hym/metrics.jsonl", "data/hym/train/000.parquet"]

@@ -14,16 +14,18 @@ import torch
 from conftest import CIFAR, IMAGENET_SAMPLES, imported_by, job_json, run_job
 from PIL import Image
 
-from clf import baseline, diagnostics, evaluation, plots
+from clf import plots
 from clf.artifact.export import export_artifact
 from clf.artifact.torch_model import load_torch
-from clf.config import IngestConfig
+from clf.config import EvaluateConfig, IngestConfig
 from clf.dataset.ingest import ingest
-from clf.decode_tasks import decode_rows
 from clf.errors import UsageError
-from clf.evaluating import EvaluateConfig, align_classes, check, evaluate
+from clf.evaluate import baseline, diagnostics, metrics, report
+from clf.evaluate.checks import align_classes, check
+from clf.evaluate.job import evaluate
+from clf.evaluate.scorer import Scorer
 from clf.images.preprocess import Preprocess
-from clf.scoring import Scorer
+from clf.inference.pixels import decode_batch
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).
 LABELS = np.array([0, 0, 0, 1, 1, 2])
@@ -51,7 +53,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_metrics_match_a_hand_computed_case():
-    m = evaluation.compute(LABELS, PROBS, CLASSES, top_k=2).metrics
+    m = metrics.compute(LABELS, PROBS, CLASSES, top_k=2).metrics
     assert m["images"] == 6 and m["num_classes"] == 3
     assert m["top1"] == pytest.approx(4 / 6)
     assert m["top_k"] == 2 and m["top_k_accuracy"] == pytest.approx(5 / 6)
@@ -67,7 +69,7 @@ def test_metrics_match_a_hand_computed_case():
 
 
 def test_per_class_rows_hold_precision_recall_f1_support_and_accuracy():
-    rows = evaluation.compute(LABELS, PROBS, CLASSES, top_k=2).per_class
+    rows = metrics.compute(LABELS, PROBS, CLASSES, top_k=2).per_class
     a, b, c = rows
     assert (a["class"], a["support"], a["predicted"]) == ("a", 3, 3)
     assert a["precision"] == a["recall"] == a["f1"] == a["accuracy"] == pytest.approx(2 / 3)
@@ -77,14 +79,14 @@ def test_per_class_rows_hold_precision_recall_f1_support_and_accuracy():
 
 
 def test_confusion_matrix_rows_are_true_classes_and_pairs_list_the_largest_first():
-    report = evaluation.compute(LABELS, PROBS, CLASSES, pairs=5)
+    report = metrics.compute(LABELS, PROBS, CLASSES, pairs=5)
     assert report.confusion.tolist() == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
     assert report.most_confused == [
         {"true": "a", "predicted": "b", "count": 1, "share_of_true": pytest.approx(1 / 3)},
         {"true": "b", "predicted": "a", "count": 1, "share_of_true": pytest.approx(1 / 2)},
     ]
     counts = np.array([[5, 1, 4], [3, 7, 0], [0, 4, 9]])
-    pairs = evaluation.most_confused(counts, ["x", "y", "z"], 2)
+    pairs = metrics.most_confused(counts, ["x", "y", "z"], 2)
     assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
         ("x", "z", 4),
         ("z", "y", 4),
@@ -93,7 +95,7 @@ def test_confusion_matrix_rows_are_true_classes_and_pairs_list_the_largest_first
 
 def test_auc_skips_classes_that_no_image_belongs_to():
     probs = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1], [0.4, 0.5, 0.1]])
-    report = evaluation.compute(np.array([0, 1, 1, 0]), probs, ["a", "b", "never"], top_k=2)
+    report = metrics.compute(np.array([0, 1, 1, 0]), probs, ["a", "b", "never"], top_k=2)
     assert report.metrics["auc_classes"] == 2
     assert report.metrics["auc_undefined"] == ["never"]
     assert report.metrics["auc_ovr_macro"] == pytest.approx(0.75)
@@ -102,13 +104,13 @@ def test_auc_skips_classes_that_no_image_belongs_to():
 
 def test_two_classes_give_one_auc_and_no_meaningless_top_k():
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]])
-    m = evaluation.compute(np.array([0, 1, 1, 0]), probs, ["ants", "bees"], top_k=5).metrics
+    m = metrics.compute(np.array([0, 1, 1, 0]), probs, ["ants", "bees"], top_k=5).metrics
     assert m["auc_ovr_macro"] == pytest.approx(0.75)  # P(bees): .7 and .4 against .2 and .6
     assert m["top1"] == 0.5 and m["top_k_accuracy"] is None
 
 
 def test_a_calibrated_bin_has_no_calibration_error():
-    ece, bins = evaluation.calibration(np.full(4, 0.75), np.array([1, 1, 1, 0], bool))
+    ece, bins = metrics.calibration(np.full(4, 0.75), np.array([1, 1, 1, 0], bool))
     assert ece == pytest.approx(0.0)
     assert [b["count"] for b in bins if b["count"]] == [4] and len(bins) == 15
 
@@ -118,8 +120,8 @@ def test_a_calibrated_bin_has_no_calibration_error():
 
 
 def test_report_files_are_readable(tmp_path):
-    report = evaluation.compute(LABELS, PROBS, CLASSES, top_k=2)
-    content = evaluation.write(report, str(tmp_path), {"model": {"arch": "test"}})
+    scored = metrics.compute(LABELS, PROBS, CLASSES, top_k=2)
+    content = report.write(scored, str(tmp_path), {"model": {"arch": "test"}})
 
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == json.loads(json.dumps(content))
@@ -220,7 +222,7 @@ def test_the_hog_svm_baseline_learns_from_real_images(cifar_small, tmp_path):
         baseline_size=32,
         diagnostics=True,
     )
-    summary = evaluate(cfg, progress=lambda message: None)
+    summary = evaluate(cfg, check(cfg), progress=lambda message: None)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     print(f"HOG+SVM on 10-class CIFAR (1000 train images): {report['metrics']}")
     assert summary.images == 400 and report["metrics"]["num_classes"] == 10
@@ -254,8 +256,9 @@ def test_scorer_returns_probabilities_and_zero_rows_for_undecodable_images(tmp_p
         torch.nn.Linear(4, 3),
     ).eval()
     export_artifact(model, str(tmp_path), arch="tiny", classes=CLASSES, preprocess=spec)
-    batch = decode_rows(
+    batch = decode_batch(
         {
+            "uri": np.array(["/s.parquet#x/1.jpg", "/s.parquet#x/2.jpg"], dtype=object),
             "key": np.array(["x/1.jpg", "x/2.jpg"], dtype=object),
             "path": np.array(["/s.parquet", "/s.parquet"], dtype=object),
             "image": np.array(
@@ -358,4 +361,4 @@ def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_ar
 
 def test_the_scorer_actor_starts_without_the_report_libraries():
     """Its process loads the artifact only; plots and metrics run on the driver."""
-    assert imported_by("clf.scoring", {"matplotlib", "sklearn", "torchvision"}) == []
+    assert imported_by("clf.evaluate.scorer", {"matplotlib", "sklearn", "torchvision"}) == []

@@ -1,4 +1,4 @@
-"""A real ``ray job submit``, the way DESIGN.md and cluster/README.md tell users to run jobs.
+"""A real ``ray job submit``, the way README.md and cluster/README.md tell users to run jobs.
 
 A head started by ``cluster/local-head.sh start`` (token auth, loopback, its own temp dir and a
 temporary HOME, so the user's ~/.ray is never touched) takes ``jobs.label`` with the repository
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import IMAGENET_SAMPLES, ROOT
 
-from clf.labeling import read_rows
+from clf.label.output import read_rows
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
 
-from clf.label_sink import LABEL_SCHEMA
-from clf.labeling import read_rows
-from clf.predict import predict
+from clf.inference.in_process import predict
+from clf.label.output import read_rows
+from clf.label.sink import LABEL_SCHEMA
 from clf.training import checkpoint
 
 pytestmark = pytest.mark.slow

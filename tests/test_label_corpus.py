@@ -24,7 +24,7 @@ from conftest import CIFAR, HYMENOPTERA, IMAGENET_SAMPLES, LARGE_PHOTOS, ROOT
 from PIL import Image
 from test_decode import TO_STORED, encode, png_header_only
 
-from clf.labeling import read_rows
+from clf.label.output import read_rows
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,9 @@ from clf.artifact.export import export_artifact
 from clf.config import IngestConfig
 from clf.dataset.ingest import ingest
 from clf.images.preprocess import Preprocess
-from clf.label_sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
-from clf.labeling import list_inputs, read_rows
+from clf.label.inputs import list_inputs
+from clf.label.output import read_rows
+from clf.label.sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
 from clf.models import create_model
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Label stages without a cluster: decode never raises, rows follow DESIGN.md's schema."""
+"""Label stages without a cluster: decode never raises, rows follow the label row schema."""
 
 import time
 
@@ -12,20 +12,20 @@ from PIL import Image
 
 from clf.artifact.export import export_artifact
 from clf.artifact.meta import read_meta
-from clf.decode_tasks import decode_batch, read_batch
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
-from clf.label_sink import LABEL_SCHEMA, AtomicParquetSink, part_name
-from clf.labeling import (
+from clf.inference.pixels import decode_batch, read_batch
+from clf.inference.stage import (
     MAX_FILES_PER_TASK,
     MAX_TASK_OUTPUT_BYTES,
     TASKS_PER_CPU,
-    CommitProgress,
-    Predictor,
     files_per_task,
-    list_inputs,
     model_threads,
 )
+from clf.label.inputs import list_inputs
+from clf.label.output import CommitProgress
+from clf.label.predictor import Predictor
+from clf.label.sink import LABEL_SCHEMA, AtomicParquetSink, part_name
 from clf.models import create_model
 
 SPEC = Preprocess(input_size=32, resize=36)
@@ -110,8 +110,8 @@ def test_a_cpu_label_actor_of_an_onnx_artifact_never_imports_torch(tmp_path):
     art = export_small_cnn(tmp_path, formats=("onnx",))
     batch = "{'uri': np.array(['a'], dtype=object), 'error': np.array([''], dtype=object), "
     batch += "'pixels': np.zeros((1, 3, 32, 32), dtype=np.uint8)}"
-    labels = f"clf.labeling.Predictor({art!r}, 3, False, threads=2)({batch})"
-    assert imported_by("numpy as np, clf.labeling", {"torch"}, then=labels) == []
+    labels = f"clf.label.predictor.Predictor({art!r}, 3, False, threads=2)({batch})"
+    assert imported_by("numpy as np, clf.label.predictor", {"torch"}, then=labels) == []
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,8 @@ def test_shard_inputs_are_addressed_by_shard_and_key(tmp_path):
 def test_shard_plan_reads_only_shards_with_work_and_filters_only_partly_done_ones(tmp_path):
     import pyarrow.parquet as pq
 
-    from clf.labeling import select_shard_rows, shard_plan
+    from clf.inference.parquet_rows import with_uris
+    from clf.label.inputs import shard_plan
 
     for name in ("a", "b", "c"):
         keys = [f"{name}/{i}.jpg" for i in range(3)]
@@ -190,7 +191,7 @@ def test_shard_plan_reads_only_shards_with_work_and_filters_only_partly_done_one
         "key": np.array(["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"], dtype=object),
         "image": np.array([b"0", b"1", b"2", b"3"], dtype=object),
     }
-    rows = select_shard_rows(batch, "", partial)
+    rows = with_uris(batch, "", partial)
     assert rows["uri"].tolist() == [f"{a}#a/0.jpg", f"{a}#a/1.jpg", f"{b}#b/1.jpg"]
     assert rows["image"].tolist() == [b"0", b"1", b"3"]
     assert set(rows["uri"]) <= todo
@@ -208,23 +209,33 @@ def test_a_pipe_given_as_input_is_refused_without_opening_it(tmp_path):
 
 @pytest.mark.parametrize("share", [1.5, 0, -1, float("nan"), float("inf")])
 def test_gpus_per_actor_is_a_share_of_one_gpu_or_whole_gpus(small_artifact, tmp_path, share):
-    from clf.checks import check_label
     from clf.config import LabelConfig
     from clf.errors import UsageError
+    from clf.label.checks import check_label
 
-    cfg = LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "out"), gpus_per_actor=share)
+    cfg = LabelConfig(
+        model=small_artifact,
+        input=str(tmp_path),
+        output=str(tmp_path / "out"),
+        gpus_per_actor=share,
+    )
     with pytest.raises(UsageError, match="--gpus-per-actor"):
         check_label(cfg)
     for fine in (0.25, 0.5, 1.0, 2.0):
         check_label(
-            LabelConfig(small_artifact, str(tmp_path), str(tmp_path / "o"), gpus_per_actor=fine)
+            LabelConfig(
+                model=small_artifact,
+                input=str(tmp_path),
+                output=str(tmp_path / "o"),
+                gpus_per_actor=fine,
+            )
         )
 
 
 def test_a_temp_file_left_by_a_kill_is_never_output_and_is_cleaned(tmp_path):
     import pyarrow.parquet as pq
 
-    from clf.labeling import _remove_temp_files, committed_files, read_rows
+    from clf.label.output import committed_files, read_rows, remove_temp_files
 
     row = {f.name: [None] for f in LABEL_SCHEMA} | {"uri": ["a.jpg"], "model": ["m"]}
     pq.write_table(pa.table(row, schema=LABEL_SCHEMA), tmp_path / "part-1.parquet")
@@ -232,7 +243,7 @@ def test_a_temp_file_left_by_a_kill_is_never_output_and_is_cleaned(tmp_path):
     pq.write_table(pa.table(row, schema=LABEL_SCHEMA), left)
     assert committed_files(str(tmp_path)) == [str(tmp_path / "part-1.parquet")]
     assert read_rows(str(tmp_path)).num_rows == 1
-    _remove_temp_files(str(tmp_path))
+    remove_temp_files(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-1.parquet"]
 
 
@@ -320,19 +331,21 @@ def test_the_label_actor_starts_without_torchvision():
     """torchvision's import pulls in torch._dynamo: 1.3 s more on the critical path of every
     labelling job, whose actor is what the pipeline waits for on a CPU node."""
     assert (
-        imported_by("clf.labeling, clf.artifact.torch_model, clf.images.nvjpeg", {"torchvision"})
+        imported_by(
+            "clf.label.predictor, clf.artifact.torch_model, clf.images.nvjpeg", {"torchvision"}
+        )
         == []
     )
 
 
 def test_the_job_process_labels_without_importing_torch():
     """It lists inputs and commits rows; only the predictor actors run the model."""
-    assert imported_by("clf.labeling", {"torch"}) == []
+    assert imported_by("clf.label.job", {"torch"}) == []
 
 
 def test_the_output_sink_runs_without_torch():
     """Ray Data runs it in worker processes of its own, which import its module first."""
-    assert imported_by("clf.label_sink", {"torch", "torchvision"}) == []
+    assert imported_by("clf.label.sink", {"torch", "torchvision"}) == []
 
 
 def test_progress_counts_the_rows_this_run_commits_and_not_an_earlier_runs(tmp_path):

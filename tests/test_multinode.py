@@ -24,11 +24,16 @@ import ray
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES
 from ray.cluster_utils import Cluster
 
-from clf import labeling, runtime
+from clf import runtime
 from clf.artifact.export import export_artifact
 from clf.config import DataConfig, IngestConfig, LabelConfig, ModelConfig, TrainConfig
 from clf.dataset.ingest import ingest
+from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
+from clf.inference import stage
+from clf.label import job, output
+from clf.label.checks import check_label
+from clf.label.predictor import Predictor
 from clf.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -60,10 +65,10 @@ def records(folder: Path) -> list[dict]:
 def test_gpu_slots_count_each_node_and_shares_of_a_gpu(cluster):
     assert runtime.cluster_gpus() == 1 and runtime.use_gpu("auto") and not runtime.use_gpu("cpu")
     assert [runtime.gpu_actor_slots(share) for share in (1, 0.5, 0.3, 2)] == [1, 2, 3, 0]
-    assert labeling.pool_size(LabelConfig(gpus_per_actor=0.5), gpu=True) == 2
-    assert labeling.pool_size(LabelConfig(actors=3), gpu=True) == 3
-    with pytest.raises(labeling.UsageError, match="no node has that many GPUs"):
-        labeling.pool_size(LabelConfig(gpus_per_actor=2), gpu=True)
+    assert stage.pool_size(LabelConfig(gpus_per_actor=0.5), gpu=True) == 2
+    assert stage.pool_size(LabelConfig(actors=3), gpu=True) == 3
+    with pytest.raises(UsageError, match="no node has that many GPUs"):
+        stage.pool_size(LabelConfig(gpus_per_actor=2), gpu=True)
 
 
 def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
@@ -81,26 +86,27 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
 
     decodes, predictors = tmp_path / "decodes", tmp_path / "predictors"
     decodes.mkdir(), predictors.mkdir()
-    decode_batch = labeling.decode_batch
+    decode_batch = job.decode_batch
 
     def recorded_decode(batch, preprocess, max_pixels, read_concurrency):
         record(decodes)
         return decode_batch(batch, preprocess, max_pixels, read_concurrency)
 
-    class RecordedPredictor(labeling.Predictor):
+    class RecordedPredictor(Predictor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
             record(predictors, device=str(self.model.device), gpus=gpus)
 
-    monkeypatch.setattr(labeling, "decode_batch", recorded_decode)
-    monkeypatch.setattr(labeling, "Predictor", RecordedPredictor)
+    monkeypatch.setattr(job, "decode_batch", recorded_decode)
+    monkeypatch.setattr(job, "Predictor", RecordedPredictor)
     # Ray Data starts actors and tasks at once: let the actor take the GPU node's one CPU
     # before a decode task can, so that where each ran says where each was meant to run.
     monkeypatch.setattr(DataContext.get_current(), "wait_for_min_actors_s", 120)
 
-    summary = labeling.label(LabelConfig(model=model, input=str(src), output=out, batch_size=8))
-    assert summary.labelled == 24 and labeling.read_rows(out).num_rows == 24
+    cfg = LabelConfig(model=model, input=str(src), output=out, batch_size=8)
+    summary = job.label(cfg, check_label(cfg))
+    assert summary.labelled == 24 and output.read_rows(out).num_rows == 24
 
     (predictor,) = records(predictors)  # one actor: one per GPU
     assert predictor == {"node": cluster["gpu"], "gpus": ["0"], "device": "cpu"}
@@ -110,7 +116,9 @@ def test_label_runs_the_predictor_on_the_gpu_node_and_decodes_elsewhere(
 
 
 def test_train_spreads_two_workers_over_two_nodes(cluster, tmp_path, monkeypatch):
-    from clf.training import loop, train
+    from clf.training import loop
+    from clf.training.checks import check_train
+    from clf.training.trainer import train
 
     data, ran = str(tmp_path / "shards"), tmp_path / "workers"
     ran.mkdir()
@@ -131,7 +139,7 @@ def test_train_spreads_two_workers_over_two_nodes(cluster, tmp_path, monkeypatch
         data=DataConfig(path=data, batch_size=16, input_size=32),
         model=ModelConfig(name="small_cnn"),
     )
-    summary = train(cfg, progress=lambda message: None)
+    summary = train(cfg, *check_train(cfg), progress=lambda message: None)
     assert summary.epochs_run == 1 and np.isfinite(summary.best_val_acc)
 
     workers = records(ran)

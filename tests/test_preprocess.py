@@ -35,7 +35,7 @@ def test_eval_crop_matches_torchvisions_eval_transform(spec):
 
 def test_decode_tasks_start_without_torch():
     """A Ray worker imports a task's module before its first task: torch would cost ~5 s."""
-    assert imported_by("clf.decode_tasks", {"torch", "torchvision"}) == []
+    assert imported_by("clf.inference.pixels", {"torch", "torchvision"}) == []
 
 
 def test_normalize_scales_uint8_pixels_by_the_specs_mean_and_std():

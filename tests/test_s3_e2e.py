@@ -17,7 +17,7 @@ import pytest
 from conftest import HYMENOPTERA, IMAGENET_SAMPLES, job_json, run_job
 
 from clf import storage
-from clf.labeling import read_rows
+from clf.label.output import read_rows
 
 pytestmark = pytest.mark.slow
 

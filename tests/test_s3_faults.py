@@ -23,7 +23,7 @@ from faultproxy import FaultProxy
 
 from clf import storage
 from clf.errors import StorageError, TransientStorageError
-from clf.labeling import read_rows
+from clf.label.output import read_rows
 
 # Each job starts a Ray of its own, even where another session's `ray start` head runs here.
 JOB_ENV = {"RAY_ADDRESS": "local"}
@@ -234,7 +234,7 @@ def test_predict_reads_several_images_from_a_bucket_at_once(
 ):
     from test_labeling import export_small_cnn
 
-    from clf.predict import predict
+    from clf.inference.in_process import predict
 
     art = export_small_cnn(tmp_path / "art")
     uris = []

@@ -9,9 +9,10 @@ from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_
 from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-from clf import labeling, runtime
+from clf import runtime
 from clf.config import LabelConfig
 from clf.errors import UsageError
+from clf.inference import stage
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_gpu_nodes_the_autoscaler_may_start_count_as_the_clusters_gpus(node_grou
     assert runtime.use_gpu("auto") and runtime.use_gpu("cuda")
     assert runtime.cluster_gpus() == 8
     assert [runtime.gpu_actor_slots(share) for share in (1, 0.5, 4, 8)] == [8, 16, 2, 0]
-    assert labeling.pool_size(LabelConfig(), gpu=True) == 8  # created up front: scales to 2 nodes
+    assert stage.pool_size(LabelConfig(), gpu=True) == 8  # created up front: scales to 2 nodes
 
 
 def test_an_unbounded_gpu_group_counts_as_one_node(node_groups):

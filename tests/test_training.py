@@ -26,8 +26,8 @@ from clf.dataset.ingest import ingest
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import batch_mixer
 from clf.models import create_model, head_parameter_names
-from clf.training import data, metrics
-from clf.training.data import (
+from clf.training import history, loader
+from clf.training.loader import (
     CACHED_SPLIT_BYTES,
     BalancedResampler,
     balanced_weights,
@@ -156,21 +156,21 @@ def test_early_stopping_waits_for_patience_epochs_without_improvement():
 
 def test_an_epoch_line_is_written_only_for_a_committed_checkpoint_and_only_once(tmp_path):
     run = str(tmp_path)
-    log = metrics.CommittedEpochLog(run)
+    log = history.CommittedEpochLog(run)
     first = {"epoch": 0, "start_epoch": 0, "val_acc": 0.5}
     log.after_report(None, [first, first], checkpoint=None)
-    assert metrics.read(run) == []
+    assert history.read(run) == []
     log.after_report(None, [first, first], checkpoint=object())
-    metrics.append(run, first)  # a resume re-adding the line of its restored checkpoint
+    history.append(run, first)  # a resume re-adding the line of its restored checkpoint
     retried = {"epoch": 1, "start_epoch": 1, "val_acc": 0.6}
-    metrics.append(run, {"epoch": 1, "start_epoch": 0, "val_acc": 0.4})  # an attempt, then a kill
+    history.append(run, {"epoch": 1, "start_epoch": 0, "val_acc": 0.4})  # an attempt, then a kill
     log.after_report(None, [retried], checkpoint=object())
-    assert [(r["epoch"], r["start_epoch"]) for r in metrics.read(run)] == [(0, 0), (1, 0), (1, 1)]
+    assert [(r["epoch"], r["start_epoch"]) for r in history.read(run)] == [(0, 0), (1, 0), (1, 1)]
 
 
 def test_tensorboard_events_of_a_local_run_are_written_under_its_folder(tmp_path):
-    board = metrics.TensorBoard(str(tmp_path))
-    board.log({**{key: 0.5 for key in metrics.TensorBoard.SCALARS}, "epoch": 0})
+    board = history.TensorBoard(str(tmp_path))
+    board.log({**{key: 0.5 for key in history.TensorBoard.SCALARS}, "epoch": 0})
     board.close()
     (events,) = os.listdir(tmp_path / "tensorboard")
     assert events.startswith("events.out.tfevents")
@@ -178,8 +178,8 @@ def test_tensorboard_events_of_a_local_run_are_written_under_its_folder(tmp_path
 
 def test_tensorboard_events_of_an_s3_run_land_in_the_bucket_and_leave_no_local_folder(bucket):
     run = f"{bucket}/runs/a"
-    board = metrics.TensorBoard(run)
-    row = {key: 0.5 for key in metrics.TensorBoard.SCALARS}
+    board = history.TensorBoard(run)
+    row = {key: 0.5 for key in history.TensorBoard.SCALARS}
     board.log({**row, "epoch": 0})
     board.log({**row, "epoch": 1})
     staging = Path(board.logdir)
@@ -270,7 +270,7 @@ def test_a_small_split_is_cached_and_split_between_workers_before_training(
             name: [list(block["label"]) for block in ds.iter_batches(batch_size=None)]
             for name, ds in datasets.items()
         }
-        monkeypatch.setattr(data, "CACHED_SPLIT_BYTES", 0)
+        monkeypatch.setattr(loader, "CACHED_SPLIT_BYTES", 0)
         big, big_streamed = worker_datasets(hymenoptera_shards, 2, 1, block_rows=16, seed=0)
     finally:
         ray.shutdown()

@@ -5,7 +5,7 @@
   deprecated), batch axis dynamic; runs in onnxruntime.
 - ``int8``: the ONNX model after onnxruntime's static quantization (QDQ, per-channel weights),
   calibrated on real images. Static, because dynamic quantization leaves activations in float
-  and runs convolutions as ``ConvInteger``, which made MobileNetV2 ~20x slower than fp32 here.
+  and runs convolutions as ``ConvInteger``, which made MobileNetV2 far slower than fp32 here.
 
 An export returns the file's bytes and a parity report; it raises ``ModelLoadError`` when the
 file disagrees with the eager model beyond the format's criterion.
@@ -172,8 +172,8 @@ def quantize(onnx_blob: bytes, calibration: torch.Tensor) -> bytes:
                 Reader(calibration.float().numpy()),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                # 7-bit weights: u8 x s8 products saturate on AVX2 CPUs without VNNI (MobileNetV2
-                # top-1 agreement fell to 79% with full-range weights), and the file must run anywhere.
+                # 7-bit weights: u8 x s8 products saturate on AVX2 CPUs without VNNI, which cost
+                # MobileNetV2 much of its agreement (RESULTS.md), and the file must run anywhere.
                 reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,

@@ -21,7 +21,7 @@ def onnx_session(blob: bytes, threads: int | None, cuda: bool = False):
     options.log_severity_level = 3
     options.intra_op_num_threads = threads or 0
     # A predictor's threads share cores with decode tasks: a spinning idle thread holds a
-    # core they need (MobileNetV2 labelling on 2 cores: 93 img/s spinning, 105 without).
+    # core they need (RESULTS.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -30,13 +30,13 @@ def onnx_session(blob: bytes, threads: int | None, cuda: bool = False):
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    # Not scipy.special.softmax: importing it would add 0.2 s to every actor's start.
+    # Not scipy.special.softmax: importing scipy would slow every actor's start.
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-# Pixels per onnxruntime call on a CPU: a few images' activations stay in cache. MobileNetV2,
-# 2 threads: 9.0 ms of CPU an image at 4 images (224 px) a call, 9.8-11.1 ms at 64 (RESULTS.md).
+# Pixels per onnxruntime call on a CPU: a few images' activations stay in cache, so small calls
+# cost less CPU an image than large batches (RESULTS.md).
 CALL_PIXELS = 4 * 224 * 224
 
 

@@ -15,8 +15,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from clf.config import DEFAULT_MAX_PIXELS
 
-# Real photos never have this share of pixels in one exact colour (the most uniform of
-# ../shared/data's 2,400 photos: 83%); blank scans and "image not found" placeholders do.
+# Real photos never have this share of pixels in one exact colour (the most uniform of the
+# test photos stays well below it); blank scans and "image not found" placeholders do.
 DEFAULT_MAX_ONE_COLOUR = 0.9
 
 # We enforce our own pixel limit (before decoding), so Pillow's warning-or-error is noise.

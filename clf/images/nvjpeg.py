@@ -1,6 +1,6 @@
 """JPEG decode on the predictor's GPU (nvJPEG through torchvision), for GPU nodes whose CPUs
-cannot keep up: an H100 runs MobileNetV2 at about 25,000 img/s while its 16 cores decode and
-resize about 2,000 (benchmarks/RESULTS.md).
+cannot keep up: a GPU runs MobileNetV2 an order of magnitude faster than its node's cores
+decode and resize JPEGs (benchmarks/RESULTS.md).
 
 The CPU task still reads the bytes and parses the header (Pillow reads no pixel data for that).
 Only the plain case goes to the GPU: a complete baseline RGB or greyscale JPEG without EXIF

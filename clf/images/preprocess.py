@@ -1,8 +1,8 @@
 """What a model expects of its input, and the eval crop of one image, without torch.
 
 The CPU decode tasks of jobs.label and jobs.evaluate need only this (through
-``clf.decode_tasks``), so their Ray workers start without importing torch and torchvision:
-about 5 s of CPU per worker on two cores, paid before the first image of every job.
+``clf.inference.pixels``), so their Ray workers start without importing torch and torchvision,
+seconds of CPU per worker that every job would pay before its first image.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Preprocess:
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255)
         std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255)
         # In place: under glibc's default allocator, each batch-sized temporary costs page
-        # faults worth 10x the arithmetic (4 images: 0.69 -> 0.05 ms an image).
+        # faults worth more than the arithmetic (RESULTS.md).
         normalized = pixels.astype(np.float32)
         normalized -= mean
         normalized /= std

@@ -1,5 +1,11 @@
-"""Training on Ray Train: ``train(cfg)`` on the driver, ``train_loop_per_worker`` on workers."""
+"""jobs.train: fine-tune or train a classifier with Ray Train (DDP), resumable.
 
-from clf.training.trainer import TrainSummary, export_run, train
-
-__all__ = ["TrainSummary", "export_run", "train"]
+- ``checks``: flags, data and resume, before Ray starts;
+- ``trainer``: the driver: ``train()`` builds the TorchTrainer, fits, and exports the best epoch;
+- ``loop``: each worker: ``train_loop_per_worker`` -> ``train_one_epoch`` -> ``train_step``;
+- ``loader``: the shard splits each worker reads, decoded and augmented per batch;
+- ``optim``: optimizer, schedule and parameter groups;
+- ``checkpoint``: what a checkpoint holds and how it is found again;
+- ``history``: ``metrics.jsonl``, ``curves.png`` and TensorBoard events;
+- ``preview``: a grid of augmented training images.
+"""

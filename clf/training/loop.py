@@ -19,8 +19,8 @@ from clf import models, runtime
 from clf.config import TrainConfig, from_dict
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import batch_mixer
-from clf.training import checkpoint, metrics
-from clf.training.data import BalancedResampler, DecodeCollate, balanced_weights, shard_name
+from clf.training import checkpoint, history
+from clf.training.loader import BalancedResampler, DecodeCollate, balanced_weights, shard_name
 from clf.training.optim import create_optimizer, create_scheduler
 
 
@@ -100,124 +100,60 @@ def start_phase(cfg, model, name, epoch, steps, device, world, scaler, restored)
     return Phase(name, ddp, optimizer, scheduler)
 
 
+@dataclass
+class Worker:
+    """What one worker sets up once and every epoch uses."""
+
+    cfg: TrainConfig
+    spec: Preprocess
+    run: str
+    streamed: list[str]
+    steps: int  # optimizer steps per epoch
+    rank: int
+    world: int
+    device: torch.device
+    train_shard: Any  # this worker's DataIterator of the train split
+    model: nn.Module
+    ema: ModelEmaV3 | None
+    amp_dtype: torch.dtype
+    use_amp: bool
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    mixer: Any
+    resampler: BalancedResampler | None
+    train_collate: DecodeCollate
+    val_collate: DecodeCollate
+    board: history.TensorBoard | None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    @property
+    def scored(self) -> nn.Module:
+        """What validation and the checkpoint's metrics judge: the EMA weights when kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry on each worker: set up, restore, then one epoch after another."""
     # Ray Train sets the worker's root logger to INFO, and its per-report line is logged under a
     # file-path logger name that the RunConfig's ray.train level does not reach.
     logging.getLogger().setLevel(logging.WARNING)
     runtime.quiet_ray_logs()
-    cfg = from_dict(TrainConfig, config["train"])
-    spec = Preprocess.from_meta(config["preprocess"])
-    classes, run, batches_per_epoch = config["classes"], config["run"], config["steps_per_epoch"]
-    steps = max(1, batches_per_epoch // cfg.optim.accumulate)  # optimizer steps per epoch
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    train_shard = ray.train.get_dataset_shard(shard_name("train", rank, config["streamed"]))
-    cuda = device.type == "cuda"
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = models.create_model(
-        cfg.model.name, len(classes), pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate
-    ).to(device)
-    torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentations per rank
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=cfg.model.ema_decay) if cfg.model.ema_decay else None
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    use_amp = cuda and cfg.amp
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
-
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    weights = None
-    if cfg.optim.class_weights == "balanced":
-        weights = torch.tensor(balanced_weights(config["class_counts"]), dtype=torch.float32)
-    criterion = nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device),
-        label_smoothing=cfg.optim.label_smoothing,
-    )
-    val_criterion = nn.CrossEntropyLoss()
-    mixer = batch_mixer(cfg.augment, len(classes))
-
-    start_epoch, restored, best = 0, None, {"val_acc": -1.0, "epoch": -1}
-    if (ckpt := ray.train.get_checkpoint()) is not None:
-        restored = checkpoint.load(ckpt)
-        model.load_state_dict(restored["model"])
-        if ema is not None and "ema" in restored:
-            ema.module.load_state_dict(restored["ema"])
-        start_epoch, best = restored["epoch"] + 1, restored.get("best", best)
-        if rank == 0:
-            if "row" in restored:  # a kill between its commit and its metrics line lost the line
-                metrics.append(run, restored["row"])
-            print(
-                f"[train] resumed from the checkpoint of epoch {restored['epoch'] + 1}", flush=True
-            )
-
-    resampler = (
-        BalancedResampler(config["class_counts"], cfg.seed * 1000 + rank)
-        if cfg.data.sampler == "balanced"
-        else None
-    )
-    train_collate = DecodeCollate(spec, cfg.augment, resampler)
-    val_collate = DecodeCollate(spec)
+    w = set_up_worker(config)
+    start_epoch, restored, best = restore(w)
     phase: Phase | None = None
-    board = metrics.TensorBoard(run) if rank == 0 and cfg.tensorboard else None
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if phase is None or phase_of(cfg, epoch) != phase.name:
-            name = phase_of(cfg, epoch)
-            phase = start_phase(cfg, model, name, epoch, steps, device, world, scaler, restored)
-        set_train_mode(model, phase.name)
-        if resampler is not None:
-            resampler.epoch = epoch
+    for epoch in range(start_epoch, w.cfg.epochs):
+        if phase is None or phase_of(w.cfg, epoch) != phase.name:
+            name = phase_of(w.cfg, epoch)
+            phase = start_phase(
+                w.cfg, w.model, name, epoch, w.steps, w.device, w.world, w.scaler, restored
+            )
         started = time.monotonic()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        phase.optimizer.zero_grad(set_to_none=True)  # drops a last partial accumulation
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size,
-            collate_fn=train_collate,
-            local_shuffle_buffer_size=cfg.data.batch_size * 4,
-            local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank,
-            prefetch_batches=2,
-            drop_last=True,
-        )
-        for i, batch in enumerate(batches):
-            if len(batch["label"]) == 0:  # every image of the batch failed to decode
-                continue
-            images, labels = spec.normalize(batch["image"]), batch["label"]
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixer is not None:
-                images, targets = mixer(images, labels)
-            step_now = (i + 1) % cfg.optim.accumulate == 0
-            # Between optimizer steps, DDP must not all-reduce the partial gradients.
-            sync = contextlib.nullcontext() if step_now or world == 1 else phase.ddp.no_sync()
-            with sync:
-                with autocast():
-                    logits = phase.ddp(images)
-                    loss = criterion(logits, targets)
-                scaler.scale(loss / cfg.optim.accumulate).backward()
-            if step_now:
-                if cfg.optim.clip_grad:
-                    scaler.unscale_(phase.optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                scaler.step(phase.optimizer)
-                scaler.update()
-                phase.optimizer.zero_grad(set_to_none=True)
-                phase.scheduler.step()
-                if ema is not None:
-                    ema.update(model)
-            totals += tally(loss, logits, labels)
+        totals = train_one_epoch(w, phase, epoch)
         train_seconds = time.monotonic() - started
-        scored = ema.module if ema is not None else model
-        # Asked for at validation, a val split's coordinator does not delay the first batch.
-        val_shard = ray.train.get_dataset_shard(shard_name("val", rank, config["streamed"]))
-        val_loss, val_acc = evaluate(
-            scored, val_shard, val_collate, spec, val_criterion, autocast, cfg
-        )
-        if world > 1:
+        val_loss, val_acc = validate(w)
+        if w.world > 1:
             dist.all_reduce(totals)
         if val_acc > best["val_acc"]:
             best = {"val_acc": val_acc, "epoch": epoch}
@@ -233,49 +169,178 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_seconds": train_seconds,
             "epoch_seconds": time.monotonic() - started,
             "start_epoch": start_epoch,
-            "world_size": world,
+            "world_size": w.world,
         }
-        stop = should_stop(cfg, epoch, best["epoch"])
-        state = {
-            "model": model.state_dict(),
-            "optimizer": phase.optimizer.state_dict(),
-            "scheduler": phase.scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "phase": phase.name,
-            "best": best,
-            "row": row,
-            **({"ema": ema.module.state_dict()} if ema is not None else {}),
-        }
-        report_epoch(state, row, rank, cfg, board, stopping=stop)
+        stop = should_stop(w.cfg, epoch, best["epoch"])
+        report_epoch(checkpoint_state(w, phase, epoch, best, row), row, w, stopping=stop)
         if stop:
             break
-    if board is not None:
-        board.close()
+    if w.board is not None:
+        w.board.close()
+
+
+def set_up_worker(config: dict[str, Any]) -> Worker:
+    cfg = from_dict(TrainConfig, config["train"])
+    classes, rank = config["classes"], ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = models.create_model(
+        cfg.model.name, len(classes), pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate
+    ).to(device)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentations per rank
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp = cuda and cfg.amp
+    weights = None
+    if cfg.optim.class_weights == "balanced":
+        weights = torch.tensor(balanced_weights(config["class_counts"]), dtype=torch.float32)
+    spec = Preprocess.from_meta(config["preprocess"])
+    resampler = (
+        BalancedResampler(config["class_counts"], cfg.seed * 1000 + rank)
+        if cfg.data.sampler == "balanced"
+        else None
+    )
+    return Worker(
+        cfg=cfg,
+        spec=spec,
+        run=config["run"],
+        streamed=config["streamed"],
+        steps=max(1, config["steps_per_epoch"] // cfg.optim.accumulate),
+        rank=rank,
+        world=ray.train.get_context().get_world_size(),
+        device=device,
+        train_shard=ray.train.get_dataset_shard(shard_name("train", rank, config["streamed"])),
+        model=model,
+        ema=ModelEmaV3(model, decay=cfg.model.ema_decay) if cfg.model.ema_decay else None,
+        amp_dtype=amp_dtype,
+        use_amp=use_amp,
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(
+            weight=None if weights is None else weights.to(device),
+            label_smoothing=cfg.optim.label_smoothing,
+        ),
+        mixer=batch_mixer(cfg.augment, len(classes)),
+        resampler=resampler,
+        train_collate=DecodeCollate(spec, cfg.augment, resampler),
+        val_collate=DecodeCollate(spec),
+        board=history.TensorBoard(config["run"]) if rank == 0 and cfg.tensorboard else None,
+    )
+
+
+def restore(w: Worker) -> tuple[int, dict[str, Any] | None, dict[str, Any]]:
+    """(first epoch to train, the restored checkpoint or None, the best epoch so far)."""
+    best = {"val_acc": -1.0, "epoch": -1}
+    if (ckpt := ray.train.get_checkpoint()) is None:
+        return 0, None, best
+    restored = checkpoint.load(ckpt)
+    w.model.load_state_dict(restored["model"])
+    if w.ema is not None and "ema" in restored:
+        w.ema.module.load_state_dict(restored["ema"])
+    if w.rank == 0:
+        if "row" in restored:  # a kill between its commit and its metrics line lost the line
+            history.append(w.run, restored["row"])
+        print(f"[train] resumed from the checkpoint of epoch {restored['epoch'] + 1}", flush=True)
+    return restored["epoch"] + 1, restored, restored.get("best", best)
+
+
+def train_one_epoch(w: Worker, phase: Phase, epoch: int) -> torch.Tensor:
+    """One pass over this worker's train shard; returns its (loss sum, correct, count)."""
+    cfg = w.cfg
+    set_train_mode(w.model, phase.name)
+    if w.resampler is not None:
+        w.resampler.epoch = epoch
+    totals = torch.zeros(3, dtype=torch.float64, device=w.device)
+    phase.optimizer.zero_grad(set_to_none=True)  # drops a last partial accumulation
+    batches = w.train_shard.iter_torch_batches(
+        batch_size=cfg.data.batch_size,
+        collate_fn=w.train_collate,
+        local_shuffle_buffer_size=cfg.data.batch_size * 4,
+        local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + w.rank,
+        prefetch_batches=2,
+        drop_last=True,
+    )
+    for i, batch in enumerate(batches):
+        if len(batch["label"]) == 0:  # every image of the batch failed to decode
+            continue
+        totals += train_step(w, phase, batch, step_now=(i + 1) % cfg.optim.accumulate == 0)
+    return totals
+
+
+def train_step(w: Worker, phase: Phase, batch: dict[str, torch.Tensor], step_now: bool):
+    """Forward and backward of one micro-batch, and an optimizer step when ``step_now``;
+    returns the batch's (loss sum, correct, count)."""
+    cfg = w.cfg
+    images, labels = w.spec.normalize(batch["image"]), batch["label"]
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = labels
+    if w.mixer is not None:
+        images, targets = w.mixer(images, labels)
+    # Between optimizer steps, DDP must not all-reduce the partial gradients.
+    sync = contextlib.nullcontext() if step_now or w.world == 1 else phase.ddp.no_sync()
+    with sync:
+        with w.autocast():
+            logits = phase.ddp(images)
+            loss = w.criterion(logits, targets)
+        w.scaler.scale(loss / cfg.optim.accumulate).backward()
+    if step_now:
+        if cfg.optim.clip_grad:
+            w.scaler.unscale_(phase.optimizer)
+            nn.utils.clip_grad_norm_(w.model.parameters(), cfg.optim.clip_grad)
+        w.scaler.step(phase.optimizer)
+        w.scaler.update()
+        phase.optimizer.zero_grad(set_to_none=True)
+        phase.scheduler.step()
+        if w.ema is not None:
+            w.ema.update(w.model)
+    return tally(loss, logits, labels)
 
 
 @torch.no_grad()
-def evaluate(model, shard, collate, spec, criterion, autocast, cfg) -> tuple[float, float]:
+def validate(w: Worker) -> tuple[float, float]:
+    """(val loss, val accuracy) of ``w.scored`` over the whole val split, all ranks summed."""
+    # Asked for here, a val split's coordinator does not delay the first training batch.
+    shard = ray.train.get_dataset_shard(shard_name("val", w.rank, w.streamed))
+    model, criterion = w.scored, nn.CrossEntropyLoss()
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=next(model.parameters()).device)
     for batch in shard.iter_torch_batches(
-        batch_size=cfg.data.batch_size * 2, collate_fn=collate, prefetch_batches=2
+        batch_size=w.cfg.data.batch_size * 2, collate_fn=w.val_collate, prefetch_batches=2
     ):
-        with autocast():
-            logits = model(spec.normalize(batch["image"])).float()
+        with w.autocast():
+            logits = model(w.spec.normalize(batch["image"])).float()
         totals += tally(criterion(logits, batch["label"]), logits, batch["label"])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return float(totals[0] / max(totals[2], 1)), float(totals[1] / max(totals[2], 1))
 
 
-def report_epoch(state, row, rank, cfg, board, stopping: bool) -> None:
+def checkpoint_state(
+    w: Worker, phase: Phase, epoch: int, best: dict[str, Any], row: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": w.model.state_dict(),
+        "optimizer": phase.optimizer.state_dict(),
+        "scheduler": phase.scheduler.state_dict(),
+        "scaler": w.scaler.state_dict(),
+        "epoch": epoch,
+        "phase": phase.name,
+        "best": best,
+        "row": row,
+        **({"ema": w.ema.module.state_dict()} if w.ema is not None else {}),
+    }
+
+
+def report_epoch(state: dict[str, Any], row: dict[str, Any], w: Worker, stopping: bool) -> None:
     """Every rank reports; only rank 0 attaches the checkpoint. The metrics line is written on
-    the controller once the checkpoint is committed (``metrics.CommittedEpochLog``)."""
+    the controller once the checkpoint is committed (``history.CommittedEpochLog``)."""
     ckpt = None
-    if rank == 0:
-        if board is not None:
-            board.log(row)
+    cfg = w.cfg
+    if w.rank == 0:
+        if w.board is not None:
+            w.board.log(row)
         print(
             f"[train] epoch {row['epoch'] + 1}/{cfg.epochs} {row['phase']}: "
             f"train loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | "

@@ -13,7 +13,7 @@ from clf.config import TrainConfig
 from clf.images.decode import DecodeError, decode_image
 from clf.images.preprocess import Preprocess
 from clf.images.transforms import batch_mixer, decode_size, eval_transform, train_transform
-from clf.training.data import iter_rows
+from clf.training.loader import iter_rows
 
 
 def preview_augmentations(

@@ -11,11 +11,10 @@ from typing import Any
 
 from clf import models, runtime, storage
 from clf.artifact.export import export_artifact
-from clf.checks import check_train
 from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
-from clf.training import checkpoint, metrics
+from clf.training import checkpoint, history
 
 
 @dataclass
@@ -36,7 +35,7 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
     if cfg.data.norm == "imagenet":
         spec = Preprocess(spec.input_size, spec.resize, spec.interpolation)
     elif cfg.data.norm == "dataset":
-        from clf.training.data import channel_stats
+        from clf.training.loader import channel_stats
 
         spec = channel_stats(cfg.data.path, spec)
     return spec
@@ -65,26 +64,56 @@ def cpus_per_worker(workers: int) -> float:
     return max(0.25, min(1.0, (total - 1) / workers))
 
 
-def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSummary:
-    """Train ``cfg`` with Ray Train (DDP). Re-running with the same ``cfg.output`` resumes."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def train(
+    cfg: TrainConfig,
+    classes: list[str],
+    manifest: dict[str, Any],
+    progress: Callable[[str], None] = print,
+) -> TrainSummary:
+    """Train ``cfg`` with Ray Train (DDP), then export the best epoch. Re-running with the same
+    ``cfg.output`` resumes. ``classes`` and ``manifest``: what ``checks.check_train`` returned."""
     started = time.monotonic()
-    classes, manifest = check_train(cfg)
     run = storage.normalize(cfg.output)
     spec = resolve_preprocess(cfg)
     storage.write_json(
         storage.join(run, "config.json"),
         {**to_dict(cfg), "classes": classes, "preprocess": spec.to_meta()},
     )
-    n_train = sum(manifest["counts"]["train"].values())
-    global_batch = cfg.data.batch_size * cfg.workers
-    steps_per_epoch = max(1, n_train // global_batch)
-    gpu = runtime.use_gpu(cfg.device)
-    from clf.training.data import worker_datasets
+    trainer = build_trainer(cfg, run, spec, classes, manifest, progress)
+    trainer.fit()
+    epochs = history.read(run)
+    history.plot_curves(run)
+    folder, best = checkpoint.best_in_run(run)
+    model_uri = export_run(run, folder)
+    return TrainSummary(
+        run=run,
+        epochs_run=len(epochs),
+        best_epoch=best["epoch"],
+        best_val_acc=best["val_acc"],
+        model=model_uri,
+        seconds=time.monotonic() - started,
+        history=epochs,
+    )
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    run: str,
+    spec: Preprocess,
+    classes: list[str],
+    manifest: dict[str, Any],
+    progress: Callable[[str], None],
+):
+    """The TorchTrainer of the run: each worker's data, its loop's config, and where the run's
+    checkpoints and metrics lines go."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from clf.training.loader import worker_datasets
     from clf.training.loop import train_loop_per_worker
 
+    n_train = sum(manifest["counts"]["train"].values())
+    gpu = runtime.use_gpu(cfg.device)
     datasets, streamed = worker_datasets(
         cfg.data.path, cfg.workers, cfg.data.read_cpus, cfg.data.batch_size, cfg.seed
     )
@@ -94,14 +123,14 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
         f"[train] {cfg.model.name} on {n_train} images, {len(classes)} classes, {cfg.workers} workers "
         f"({'GPU' if gpu else 'CPU'}), {cfg.epochs} epochs, strategy {cfg.model.strategy}"
     )
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": to_dict(cfg),
             "classes": classes,
             "preprocess": spec.to_meta(),
             "run": run,
-            "steps_per_epoch": steps_per_epoch,
+            "steps_per_epoch": max(1, n_train // (cfg.data.batch_size * cfg.workers)),
             "class_counts": class_counts(manifest, classes),
             "streamed": streamed,
         },
@@ -124,27 +153,12 @@ def train(cfg: TrainConfig, progress: Callable[[str], None] = print) -> TrainSum
                 # Ray Train's print patch both prints and logs each line: progress came twice.
                 "env_vars": {**runtime.forwarded_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
             },
-            callbacks=[metrics.CommittedEpochLog(run)],
+            callbacks=[history.CommittedEpochLog(run)],
             # Its INFO lines restate every report and checkpoint that our progress lines show.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=streamed),
-    )
-    trainer.fit()
-
-    history = metrics.read(run)
-    metrics.plot_curves(run)
-    folder, best = checkpoint.best_in_run(run)
-    model_uri = export_run(run, folder)
-    return TrainSummary(
-        run=run,
-        epochs_run=len(history),
-        best_epoch=best["epoch"],
-        best_val_acc=best["val_acc"],
-        model=model_uri,
-        seconds=time.monotonic() - started,
-        history=history,
     )
 
 
@@ -175,7 +189,7 @@ def export_run(
     classes = resolved["classes"]
     model = models.create_model(resolved["model"]["name"], len(classes))
     model.load_state_dict(state.get("ema", state["model"]))  # the EMA weights were the ones scored
-    epoch_metrics = {r["epoch"]: r for r in metrics.read(run)}.get(state["epoch"], {})
+    epoch_metrics = {r["epoch"]: r for r in history.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")
     spec = Preprocess.from_meta(resolved["preprocess"])
     if sample is None:

@@ -1,15 +1,11 @@
-"""Classification metrics from true labels and predicted probabilities, and the report files.
+"""Classification metrics from true labels and predicted probabilities.
 
 Pure: no Ray, no model. ``compute`` takes label ids (N), probabilities (N x C) and the C class
-names; ``write`` puts report.json, per_class.csv, confusion_matrix.{csv,png} and
-reliability.png under any storage URI.
+names, and returns the ``Report`` that ``report.write`` puts into files.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +17,9 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from clf import plots, storage
 from clf.errors import ClfError
 
 ECE_BINS = 15
-REPORT_FILES = (
-    "report.json",
-    "per_class.csv",
-    "confusion_matrix.csv",
-    "confusion_matrix.png",
-    "reliability.png",
-)
 
 
 @dataclass
@@ -63,27 +51,12 @@ def compute(
         raise ValueError(
             f"shapes disagree: labels {labels.shape}, probs {probs.shape}, {c} classes"
         )
-    ids = np.arange(c)
     predicted = probs.argmax(axis=1)
     correct = predicted == labels
     confidence = probs[np.arange(n), predicted]
-
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=ids, zero_division=0
-    )
-    # Averages run over the classes that occur in the labels or predictions (sklearn's
-    # default), so evaluating a 1000-class model on a 10-class set does not count 990 zeros.
-    averaged = {
-        avg: precision_recall_fscore_support(labels, predicted, average=avg, zero_division=0)[:3]
-        for avg in ("macro", "weighted")
-    }
-    k = min(top_k, c)
-    in_top_k = _in_top_k(labels, probs, k)
     auc = _per_class_auc(labels, probs)
-    defined = ~np.isnan(auc)
     ece, reliability = calibration(confidence, correct, bins)
-    counts = confusion_matrix(labels, predicted, labels=ids)
-
+    counts = confusion_matrix(labels, predicted, labels=np.arange(c))
     metrics = {
         "images": int(n),
         "num_classes": int(c),
@@ -91,21 +64,60 @@ def compute(
         "top_k": int(top_k),
         # k >= C would be a perfect, meaningless score: null instead.
         "top_k_accuracy": _top_k_score(labels, probs, top_k) if top_k < c else None,
-        "precision_macro": float(averaged["macro"][0]),
-        "recall_macro": float(averaged["macro"][1]),
-        "f1_macro": float(averaged["macro"][2]),
-        "precision_weighted": float(averaged["weighted"][0]),
-        "recall_weighted": float(averaged["weighted"][1]),
-        "f1_weighted": float(averaged["weighted"][2]),
-        "auc_ovr_macro": float(auc[defined].mean()) if defined.any() else None,
-        "auc_classes": int(defined.sum()),
-        # One-vs-rest AUC needs positives and negatives: classes absent from the labels have none.
-        "auc_undefined": [classes[i] for i in np.flatnonzero(~defined)],
+        **_averaged(labels, predicted),
+        **_auc_summary(auc, classes),
         "ece": ece,
         "ece_bins": bins,
         "mean_confidence": float(confidence.mean()),
     }
-    per_class = [
+    per_class = _per_class(labels, probs, predicted, classes, auc, min(top_k, c))
+    return Report(
+        list(classes),
+        metrics,
+        per_class,
+        counts,
+        most_confused(counts, classes, pairs),
+        reliability,
+    )
+
+
+def _averaged(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Macro and weighted precision, recall and F1. They average over the classes that occur in
+    the labels or predictions (sklearn's default), so evaluating a 1000-class model on a
+    10-class set does not count 990 zeros."""
+    out = {}
+    for avg in ("macro", "weighted"):
+        scores = precision_recall_fscore_support(labels, predicted, average=avg, zero_division=0)
+        for name, value in zip(("precision", "recall", "f1"), scores[:3]):
+            out[f"{name}_{avg}"] = float(value)
+    return out
+
+
+def _auc_summary(auc: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    defined = ~np.isnan(auc)
+    return {
+        "auc_ovr_macro": float(auc[defined].mean()) if defined.any() else None,
+        "auc_classes": int(defined.sum()),
+        # One-vs-rest AUC needs positives and negatives: classes absent from the labels have none.
+        "auc_undefined": [classes[i] for i in np.flatnonzero(~defined)],
+    }
+
+
+def _per_class(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    predicted: np.ndarray,
+    classes: list[str],
+    auc: np.ndarray,
+    k: int,
+) -> list[dict[str, Any]]:
+    ids = np.arange(len(classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=ids, zero_division=0
+    )
+    correct = predicted == labels
+    in_top_k = _in_top_k(labels, probs, k)
+    return [
         {
             "class_id": int(i),
             "class": classes[i],
@@ -121,14 +133,6 @@ def compute(
         }
         for i in ids
     ]
-    return Report(
-        list(classes),
-        metrics,
-        per_class,
-        counts,
-        most_confused(counts, classes, pairs),
-        reliability,
-    )
 
 
 def _top_k_score(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
@@ -207,52 +211,3 @@ def most_confused(counts: np.ndarray, classes: list[str], n: int) -> list[dict[s
             }
         )
     return pairs
-
-
-# ------------------------------------------------------------------------------------------
-# Files
-
-
-def write(
-    report: Report, output: str, extra: dict[str, Any] | None = None, also: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Write the report files under ``output``; returns report.json's content. ``extra`` goes
-    into report.json as is; ``also`` names other files already written beside it."""
-    storage.write_bytes(storage.join(output, "per_class.csv"), per_class_csv(report))
-    storage.write_bytes(storage.join(output, "confusion_matrix.csv"), confusion_csv(report))
-    storage.write_bytes(
-        storage.join(output, "confusion_matrix.png"),
-        plots.confusion_heatmap(report.confusion, report.classes),
-    )
-    storage.write_bytes(
-        storage.join(output, "reliability.png"),
-        plots.reliability_diagram(report.reliability, report.metrics["ece"]),
-    )
-    content = {
-        **(extra or {}),
-        "metrics": report.metrics,
-        "most_confused": report.most_confused,
-        "reliability": report.reliability,
-        "classes": report.classes,
-        "files": [*REPORT_FILES, *also],
-    }
-    storage.write_json(storage.join(output, "report.json"), content)  # last: marks completion
-    return content
-
-
-def per_class_csv(report: Report) -> bytes:
-    return _csv(list(report.per_class[0]), [list(row.values()) for row in report.per_class])
-
-
-def confusion_csv(report: Report) -> bytes:
-    """Counts with class names on both axes: the first column is the true class."""
-    rows = [[name, *map(int, row)] for name, row in zip(report.classes, report.confusion)]
-    return _csv(["true \\ predicted", *report.classes], rows)
-
-
-def _csv(header: list[str], rows: list[list[Any]]) -> bytes:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(["" if v is None else v for v in row] for row in rows)
-    return text.getvalue().encode()

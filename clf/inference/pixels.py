@@ -1,8 +1,11 @@
-"""The CPU tasks of the jobs.label and jobs.evaluate pipelines: bytes -> eval crops, or reasons.
+"""The CPU tasks of the label and evaluate pipelines: image bytes -> eval crops, or reasons.
+
+A batch holds ``uri`` and either ``image`` (shard rows carry their bytes) or nothing more
+(listed files, read here); every other column passes through to the model actor.
 
 Ray pickles a task function by its module, and a worker imports that module before its first
 task. This one imports neither torch nor torchvision (see ``clf.images.preprocess``), so a decode
-worker is ready in a fraction of a second instead of after ~5 s of imports.
+worker is ready in a fraction of a second instead of after seconds of imports.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def decode_batch(
     max_pixels: int,
     read_concurrency: int = storage.DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
-    """CPU task: bytes -> fixed-size uint8 CHW pixels, or an error reason. A batch of listed
-    files is read with ``read_concurrency`` reads kept in flight ahead of the decoding. Never
-    raises, but for a storage fault that outlived its retries."""
+    """CPU task: bytes -> fixed-size uint8 CHW ``pixels``, or an ``error`` reason. Listed files
+    are read with ``read_concurrency`` reads kept in flight ahead of the decoding. Never raises,
+    but for a storage fault that outlived its retries."""
     spec = Preprocess.from_meta(preprocess)
     pixels = np.zeros((len(batch["uri"]), 3, spec.crop, spec.crop), dtype=np.uint8)
     errors = []
@@ -45,7 +48,7 @@ def decode_batch(
             raise  # Ray retries the task; a row would make a passing fault the input's answer
         except Exception as e:  # a bad row must never end the job
             errors.append(_reason(e))
-    return {"uri": batch["uri"], "pixels": pixels, "error": np.array(errors, dtype=object)}
+    return {**_passed_on(batch), "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
 def read_batch(
@@ -54,10 +57,10 @@ def read_batch(
     max_pixels: int,
     read_concurrency: int = storage.DEFAULT_READ_CONCURRENCY,
 ) -> dict[str, np.ndarray]:
-    """CPU task when the predictor decodes on its GPU: a JPEG that suits nvJPEG travels as its
-    bytes (kind ``jpeg``); any other input is decoded here as in ``decode_batch`` and travels
-    as the crop's raw pixels (kind ``pixels``). Never raises, but for a storage fault that
-    outlived its retries."""
+    """CPU task when the model actor decodes on its GPU: a JPEG that suits nvJPEG travels as
+    its bytes (``kind`` jpeg); any other input is decoded here as in ``decode_batch`` and
+    travels as the crop's raw pixels (``kind`` pixels). Never raises, but for a storage fault
+    that outlived its retries."""
     spec = Preprocess.from_meta(preprocess)
     payload, kinds, errors = [], [], []
     for content in _contents(batch, read_concurrency):
@@ -77,23 +80,10 @@ def read_batch(
             kinds.append("")
             errors.append(_reason(e))
     return {
-        "uri": batch["uri"],
+        **_passed_on(batch),
         "data": np.array(payload, dtype=object),
         "kind": np.array(kinds, dtype=object),
         "error": np.array(errors, dtype=object),
-    }
-
-
-def decode_rows(batch: dict[str, np.ndarray], preprocess: dict, max_pixels: int) -> dict:
-    """CPU task of jobs.evaluate: ``decode_batch`` over shard rows, keeping each row's label
-    and shard."""
-    out = decode_batch({"uri": batch["key"], "image": batch["image"]}, preprocess, max_pixels)
-    return {
-        "key": batch["key"],
-        "path": batch["path"],
-        "label": batch["label"],
-        "pixels": out["pixels"],
-        "error": out["error"],
     }
 
 
@@ -116,6 +106,10 @@ def suits_device(data: bytes, max_pixels: int) -> bool:
             )
     except Exception:
         return False
+
+
+def _passed_on(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {key: column for key, column in batch.items() if key != "image"}
 
 
 def _contents(batch: dict[str, np.ndarray], concurrency: int) -> Contents:

@@ -53,8 +53,7 @@ class AtomicParquetSink(Datasink):
     @property
     def min_rows_per_write(self) -> int:
         # Ray Data bundles blocks up to this before each write task: fewer, larger files for
-        # readers, and fewer write tasks. A file per 80-row block cost ~0.2 s of scheduling per
-        # block at the end of a 2,000-image CPU job (RESULTS.md).
+        # readers, and fewer write tasks, each of which costs scheduling (RESULTS.md).
         return self.rows_per_file
 
     def write(self, blocks, ctx) -> list[tuple[str, int]]:

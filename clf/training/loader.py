@@ -24,7 +24,8 @@ from clf.images.transforms import decode_size, eval_transform, train_transform
 
 # A split this small is read once, by the driver, into the object store. Re-read every epoch, it
 # starts read tasks (on a small machine, fresh worker processes) that compete with the training
-# step; read, repartitioned and split by Ray Data's tasks, it took 15 s to start on 2 cores.
+# step; read, repartitioned and split by Ray Data's tasks, it was slow to start on a small
+# machine (RESULTS.md).
 CACHED_SPLIT_BYTES = 256 * 2**20
 
 

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 from PIL import ImageOps
 
-from clf import evaluation, storage
+from clf import storage
 from clf.config import BASELINE_MODEL
 from clf.dataset.shards import list_shards, read_shard
 from clf.errors import ModelLoadError, UsageError
+from clf.evaluate import metrics
 from clf.images.decode import DecodeError, decode_image
 
 NAME = BASELINE_MODEL
@@ -207,13 +208,13 @@ def train_baseline(
 
     classes = read_classes(data)
     model = fit_on_shards(storage.join(data, "train"), classes, size, progress)
-    metrics: dict[str, Any] = {}
+    scores: dict[str, Any] = {}
     val = storage.join(data, "val")
     if storage.is_dir(val):
         rows = featurize_shards(val, size)
-        metrics = evaluation.compute(rows.labels, model.predict_proba(rows.x), classes).metrics
-        progress(f"[hog_svm] val top-1 {metrics['top1']:.3f}, macro F1 {metrics['f1_macro']:.3f}")
-    return model.save(output, {"source_data": storage.normalize(data), "metrics": metrics})
+        scores = metrics.compute(rows.labels, model.predict_proba(rows.x), classes).metrics
+        progress(f"[hog_svm] val top-1 {scores['top1']:.3f}, macro F1 {scores['f1_macro']:.3f}")
+    return model.save(output, {"source_data": storage.normalize(data), "metrics": scores})
 
 
 def fit_on_shards(

@@ -1,47 +1,30 @@
 """Evaluate a model artifact (or the HOG+SVM baseline) on a split of image shards.
 
-Pipeline (Ray Data), as in jobs.label: read the shards -> decode + resize in CPU tasks ->
-score in an actor pool (``clf.scoring``) that loads the artifact once per actor -> collect
+Pipeline (Ray Data), as in jobs.label (``clf.inference``): read the shards -> decode in CPU
+tasks -> score in an actor pool (``scorer``) that loads the artifact once per actor -> collect
 probabilities on the driver (a test split is at most ~100k rows) -> metrics and report files
-(clf.evaluation).
+(``metrics``, ``report``).
 """
 
 from __future__ import annotations
 
-import posixpath
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from clf import baseline, diagnostics, evaluation, runtime, storage
-from clf.artifact.meta import read_meta
+from clf import runtime, storage
 from clf.artifact.torch_model import load_torch
 from clf.config import EvaluateConfig
-from clf.dataset.shards import list_shards, read_classes, row_count
-from clf.decode_tasks import decode_rows
-from clf.errors import UsageError
-from clf.labeling import decode_then_infer, pool_size
-from clf.scoring import Scorer
-
-
-@dataclass
-class Target:
-    """What ``check`` found: the model's meta and classes, and how the data's labels map to them."""
-
-    meta: dict[str, Any]
-    classes: list[str]  # the model's
-    label_map: np.ndarray  # data label id -> model class id
-    matched_by: str  # "name" or "position"
-    shards: list[str] = field(default_factory=list)
-    images: int = 0
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.meta.get("format") == baseline.NAME
+from clf.evaluate import baseline, diagnostics, metrics, report
+from clf.evaluate.checks import Target
+from clf.evaluate.scorer import Scorer
+from clf.inference.parquet_rows import read_shard_rows
+from clf.inference.pixels import decode_batch
+from clf.inference.stage import decode_then_infer, pool_size
 
 
 @dataclass
@@ -72,62 +55,14 @@ class EvaluateSummary:
 
 
 # ------------------------------------------------------------------------------------------
-# Checks before Ray starts
-
-
-def check(cfg: EvaluateConfig) -> Target:
-    """Every flag and path, before any cluster or model work; raises ``UsageError``."""
-    cfg.validate()
-    if storage.exists(storage.join(cfg.data, "classes.json")):
-        raise UsageError(f"--data {cfg.data}: give one split of it, such as {cfg.data}/test")
-    shards = list_shards(cfg.data)
-    if not shards:
-        raise UsageError(f"--data {cfg.data}: no Parquet image shards (give DST/test)")
-    data_classes = read_classes(_parent(cfg.data))
-    if cfg.fits_baseline:
-        if not cfg.train:
-            raise UsageError(f"--model {baseline.NAME} needs --train DST/train to fit on")
-        if not list_shards(cfg.train):
-            raise UsageError(f"--train {cfg.train}: no Parquet image shards")
-        train_classes = read_classes(_parent(cfg.train))
-        meta = {"format": baseline.NAME, "arch": baseline.NAME, "classes": train_classes}
-    else:
-        meta = read_meta(cfg.model)
-    label_map, matched_by = align_classes(data_classes, list(meta["classes"]))
-    images = sum(row_count(s) for s in shards)
-    return Target(meta, list(meta["classes"]), label_map, matched_by, shards, images)
-
-
-def align_classes(data: list[str], model: list[str]) -> tuple[np.ndarray, str]:
-    """Map the data's label ids to the model's class ids: by name when every data class is a
-    model class, else by position when the counts agree (ImageNet wnid folders against
-    torchvision's class names)."""
-    index = {name: i for i, name in enumerate(model)}
-    if all(name in index for name in data) and len(index) == len(model):
-        return np.array([index[name] for name in data], dtype=np.int64), "name"
-    if len(data) == len(model):
-        return np.arange(len(data), dtype=np.int64), "position"
-    missing = next(name for name in data if name not in index)
-    raise UsageError(
-        f"--data has {len(data)} classes and the model {len(model)}, and class {missing!r} "
-        "is not one of the model's"
-    )
-
-
-def _parent(uri: str) -> str:
-    uri = storage.normalize(uri)
-    return (
-        "s3://" + posixpath.dirname(uri[5:]) if uri.startswith("s3://") else posixpath.dirname(uri)
-    )
-
-
-# ------------------------------------------------------------------------------------------
 # The job
 
 
-def evaluate(cfg: EvaluateConfig, progress: Callable[[str], None] = print) -> EvaluateSummary:
+def evaluate(
+    cfg: EvaluateConfig, target: Target, progress: Callable[[str], None] = print
+) -> EvaluateSummary:
+    """``target``: what ``checks.check`` found for ``cfg``."""
     started = time.monotonic()
-    target = check(cfg)
     progress(
         f"[evaluate] {target.images} images in {len(target.shards)} shards, "
         f"{len(target.classes)} model classes (labels matched by {target.matched_by})"
@@ -140,7 +75,7 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[str], None] = print) -> Ev
         scores = _score_artifact(cfg, target, progress)
     if scores.errors:
         progress(f"[evaluate] {sum(scores.errors.values())} undecodable images left out")
-    report = evaluation.compute(
+    scored = metrics.compute(
         scores.labels,
         scores.probs,
         target.classes,
@@ -163,14 +98,14 @@ def evaluate(cfg: EvaluateConfig, progress: Callable[[str], None] = print) -> Ev
         "seconds": round(seconds, 2),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    content = evaluation.write(report, cfg.output, extra, also=pictures)
+    content = report.write(scored, cfg.output, extra, also=pictures)
     return EvaluateSummary(
         output=storage.normalize(cfg.output),
         model=extra["model"]["uri"],
         images=len(scores.labels),
         decode_errors=scores.errors,
-        metrics=report.metrics,
-        most_confused=report.most_confused,
+        metrics=scored.metrics,
+        most_confused=scored.most_confused,
         matched_by=target.matched_by,
         files=content["files"],
         seconds=seconds,
@@ -198,30 +133,19 @@ def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 
 
 def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
-    import ray
 
     gpu = runtime.use_gpu(cfg.device)
     actors = pool_size(cfg, gpu)
-    fs, _ = storage.resolve(target.shards[0])
-    prefix = "s3://" if target.shards[0].startswith("s3://") else ""
-    ds = ray.data.read_parquet(
-        [storage.resolve(s)[1] for s in target.shards],
-        filesystem=fs,
-        include_paths=True,
-        num_cpus=0.25,
-    ).select_columns(["key", "image", "label", "path"])
-    # Without this, one decode task takes a whole read block and holds its output until 128 MiB
-    # of pixels are ready, so inference waited for ~900 images to decode before starting.
-    ds = ds.repartition(target_num_rows_per_block=cfg.decode_batch_size)
+    ds = read_shard_rows(target.shards, cfg.decode_batch_size, columns=("key", "image", "label"))
     ds = decode_then_infer(
         ds,
-        decode_rows,
+        cfg,
         target.meta,
         Scorer,
-        {"model_uri": cfg.model, "prefer_gpu": gpu},
-        cfg,
-        gpu,
-        actors,
+        {},
+        gpu=gpu,
+        actors=actors,
+        decode_fn=decode_batch,
         decode_batch_size=cfg.decode_batch_size,
     )
     progress(
@@ -234,7 +158,9 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
         errors.update(e for e in batch["error"] if e)
         labels.append(batch["label"][ok].astype(np.int64))
         probs.append(batch["probs"][ok])
-        refs += [(prefix + p, k) for p, k, good in zip(batch["path"], batch["key"], ok) if good]
+        refs += [
+            (u[: -len(k) - 1], k) for u, k, good in zip(batch["uri"], batch["key"], ok) if good
+        ]
         done += len(ok)
         if done >= next_report:
             rate = done / (time.monotonic() - started)
