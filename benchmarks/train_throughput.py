@@ -272,17 +272,19 @@ def rates(result: dict) -> str:
 
 def report(name: str, results: dict[str, dict]) -> None:
     peers = {m: r for m, r in results.items() if m != "jobs.train"}
-    fastest = max(peers, key=lambda m: peers[m]["images_per_s"])
+    fastest = max(peers, key=lambda m: peers[m]["images_per_s"]) if peers else None
     print(f"\n== {name} (fastest peer: {fastest}) ==")
     print(
         f"{'method':<11} {'img/s':>7} {'fixed s':>8} {'wall s':>7} {'vs fastest peer':>16}"
         "  img/s by epoch"
     )
     for method, r in results.items():
-        ratio = r["images_per_s"] / peers[fastest]["images_per_s"]
+        ratio = (
+            f"{r['images_per_s'] / peers[fastest]['images_per_s']:15.2f}x" if peers else " " * 16
+        )
         print(
             f"{method:<11} {r['images_per_s']:7.1f} {r['fixed_seconds']:8.1f} "
-            f"{r['wall_seconds']:7.1f} {ratio:15.2f}x  {rates(r)}"
+            f"{r['wall_seconds']:7.1f} {ratio}  {rates(r)}"
         )
 
 
