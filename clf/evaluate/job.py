@@ -133,7 +133,6 @@ def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 
 
 def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
-
     gpu = runtime.use_gpu(cfg.device)
     actors = pool_size(cfg, gpu)
     ds = read_shard_rows(target.shards, cfg.decode_batch_size, columns=("key", "image", "label"))
