@@ -242,6 +242,43 @@ class EvaluateConfig(PoolConfig):
         return self.model == BASELINE_MODEL
 
 
+@dataclass
+class ServeConfig:
+    model: str = ""  # artifact folder or URI
+    format: str | None = None  # which of the artifact's files to run; None: its own
+    host: str = "127.0.0.1"  # loopback unless the user names another address on purpose
+    port: int = 8000
+    replicas: int | Literal["auto"] = 1  # auto: Serve scales replicas with the load
+    gpus_per_replica: float = 0.0  # 0: replicas run on CPU
+    max_batch_size: int = 32  # images per model call
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill before it runs
+    max_queued_requests: int = 256  # per replica, beyond those in its model batches; more get 503
+    max_body_mb: float = 20.0  # larger request bodies get 413 before they are read whole
+    top_k: int = 5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> ServeConfig:
+        if not self.model:
+            raise UsageError("--model is required")
+        if not 1 <= self.port <= 65535:
+            raise UsageError(f"--port must be in [1, 65535], got {self.port}")
+        if self.replicas != "auto":
+            _at_least_one("replicas", self.replicas)
+        for key in ("max_batch_size", "max_queued_requests", "top_k", "max_pixels"):
+            _at_least_one(key, getattr(self, key))
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise UsageError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_ms}")
+        if not 0 < self.max_body_mb < math.inf:
+            raise UsageError(f"--max-body-mb must be positive, got {self.max_body_mb}")
+        if self.gpus_per_replica:
+            _gpu_share(self.gpus_per_replica, "--gpus-per-replica")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building and overriding configs
 
@@ -373,12 +410,10 @@ def get_key(config: Any, dotted: str) -> Any:
     return config
 
 
-def _gpu_share(share: float) -> None:
+def _gpu_share(share: float, flag: str = "--gpus-per-actor") -> None:
     """Ray gives an actor a share of one GPU, or whole GPUs: never 1.5 of them."""
     if not 0 < share < math.inf or (share > 1 and share != int(share)):
-        raise UsageError(
-            f"--gpus-per-actor {share}: use a share of one GPU (0.5) or a whole number of GPUs"
-        )
+        raise UsageError(f"{flag} {share}: use a share of one GPU (0.5) or a whole number of GPUs")
 
 
 # Written as "not (in range)" so that NaN, which fails every comparison, is refused too.

@@ -13,9 +13,9 @@ import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
 
 from clf import cli, runtime
-from clf.config import EvaluateConfig, IngestConfig, LabelConfig
+from clf.config import EvaluateConfig, IngestConfig, LabelConfig, ServeConfig
 
-JOBS = ["ingest", "train", "export", "label", "evaluate", "predict"]
+JOBS = ["ingest", "train", "export", "label", "evaluate", "predict", "serve"]
 
 
 def job(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +26,12 @@ def job(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "name, config",
-    [("ingest", IngestConfig), ("label", LabelConfig), ("evaluate", EvaluateConfig)],
+    [
+        ("ingest", IngestConfig),
+        ("label", LabelConfig),
+        ("evaluate", EvaluateConfig),
+        ("serve", ServeConfig),
+    ],
 )
 def test_every_flag_defaults_to_its_config_fields_default(name, config):
     """A job run from the command line and one built from its config do the same thing."""
@@ -236,6 +241,18 @@ def test_every_job_has_help(name):
         ),
         (["jobs.train", "--config", "/tmp"], "--config /tmp: cannot read"),
         (["jobs.ingest", "--src", "gs://b/x", "--dst", "/tmp/d"], "--src: gs:// is not supported"),
+        (["jobs.serve", "--model", "/no/such/art"], "not a model artifact"),
+        (["jobs.serve", "--model", "/a", "--port", "70000"], "must be at most 65535"),
+        (["jobs.serve", "--model", "/a", "--replicas", "0"], "must be at least 1"),
+        (["jobs.serve", "--model", "/a", "--replicas", "many"], "not an integer: 'many'"),
+        (
+            ["jobs.serve", "--model", "/a", "--gpus-per-replica", "1.5"],
+            "--gpus-per-replica 1.5: use a share of one GPU (0.5) or a whole number",
+        ),
+        (["jobs.serve", "--model", "/a", "--batch-wait-ms", "-1"], "must be in [0, 10000]"),
+        (["jobs.serve", "--model", "/a", "--max-body-mb", "0"], "must be positive, got 0"),
+        (["jobs.serve", "--model", "/a", "--max-queued-requests", "0"], "must be at least 1"),
+        (["jobs.serve", "--model", "/a", "--format", "pickle"], "invalid choice: 'pickle'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -255,6 +272,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
         ["jobs.label", "--model", "/tmp/a", "--input", "", "--output", "/tmp/l"],
         ["jobs.evaluate", "--model", "/tmp/a", "--data", "", "--output", "/tmp/e"],
         ["jobs.predict", "--model", "/tmp/a", ""],
+        ["jobs.serve", "--model", ""],
     ],
 )
 def test_an_empty_path_is_refused_rather_than_taken_as_the_current_folder(args):

@@ -28,6 +28,11 @@ class DecodeError(ValueError):
     """The input is not a usable image; ``str(e)`` is the reason for the error column."""
 
 
+class ImageTooLargeError(DecodeError):
+    """More pixels than the limit, found from the header alone: a decompression bomb, or a
+    scan too big to serve."""
+
+
 def decode_image(
     data: bytes,
     *,
@@ -53,7 +58,7 @@ def decode_image(
     fmt = image.format or "image"
     width, height = image.size
     if width * height > max_pixels:
-        raise DecodeError(f"image too large ({width}x{height})")
+        raise ImageTooLargeError(f"image too large ({width}x{height})")
     if width == 0 or height == 0:
         raise DecodeError(f"empty image ({width}x{height})")
     try:

@@ -1,0 +1,37 @@
+"""The Serve application that jobs.serve runs, and `serve run`/`serve deploy` build from
+``cluster/serve.yaml``: the replica with its deployment options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from clf.config import ServeConfig, from_dict
+from clf.serve.checks import check_serve
+from clf.serve.replica import ClassifierReplica
+
+# Requests a replica takes beyond its queue: health probes and metrics scrapes still get in,
+# and predictions past the queue get the replica's JSON 503 rather than wait at the proxy.
+HEADROOM = 16
+# Long enough for a full queue of batches to finish after Ctrl-C or a scale-down.
+GRACEFUL_SHUTDOWN_S = 60
+
+
+def application(cfg: ServeConfig) -> Application:
+    return ClassifierReplica.options(
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_queued_requests + HEADROOM,
+        # The proxy holds this many more while every replica is full (Serve's own 503 beyond).
+        max_queued_requests=cfg.max_queued_requests,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+        ray_actor_options={"num_cpus": 1, "num_gpus": cfg.gpus_per_replica},
+    ).bind(cfg)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """An application builder for `serve run clf.serve.app:build_app model=ART` and the
+    ``import_path`` of cluster/serve.yaml, whose ``args`` are ServeConfig's keys."""
+    cfg = from_dict(ServeConfig, dict(args))
+    check_serve(cfg)
+    return application(cfg)
