@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import ROOT
 
 CLF = ROOT / "clf"
-JOB_PACKAGES = {"clf.label", "clf.evaluate", "clf.training"}
+JOB_PACKAGES = {"clf.label", "clf.evaluate", "clf.training", "clf.serve"}
 SHARED_PACKAGES = {"clf.artifact", "clf.dataset", "clf.images", "clf.inference"}
 
 
@@ -108,5 +108,5 @@ def test_no_two_modules_are_twins_that_differ_only_by_a_suffix():
 def test_the_checks_that_run_before_ray_import_neither_torch_nor_sklearn():
     from conftest import imported_by
 
-    checks = "clf.label.checks, clf.evaluate.checks, clf.training.checks"
+    checks = "clf.label.checks, clf.evaluate.checks, clf.training.checks, clf.serve.checks"
     assert imported_by(checks, {"torch", "torchvision", "sklearn", "ray"}) == []

@@ -19,11 +19,13 @@ GRACEFUL_SHUTDOWN_S = 60
 
 
 def application(cfg: ServeConfig) -> Application:
+    most = cfg.max_queued_requests + HEADROOM
     return ClassifierReplica.options(
         num_replicas=cfg.replicas,
-        max_ongoing_requests=cfg.max_queued_requests + HEADROOM,
-        # The proxy holds this many more while every replica is full (Serve's own 503 beyond).
-        max_queued_requests=cfg.max_queued_requests,
+        max_ongoing_requests=most,
+        # Requests wait at the proxy while it picks a replica, and while every replica is full;
+        # beyond this many, the proxy answers Serve's own 503.
+        max_queued_requests=most,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 1, "num_gpus": cfg.gpus_per_replica},
     ).bind(cfg)
