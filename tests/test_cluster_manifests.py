@@ -75,6 +75,8 @@ def ray_cluster_specs() -> Iterator[tuple[str, dict]]:
     for where, obj in k8s_objects():
         if obj["kind"] == "RayCluster":
             yield where, obj["spec"]
+        elif obj["kind"] == "RayService":
+            yield where, obj["spec"]["rayClusterConfig"]
     for where, spec in ray_job_specs():
         yield where, spec["rayClusterSpec"]
 
@@ -152,7 +154,7 @@ def test_every_image_and_ray_version_is_the_installed_ray():
         assert re.fullmatch(rf"rayproject/ray:{re.escape(RAY_VERSION)}-py3\d+(-gpu)?", image), image
     for where, spec in ray_cluster_specs():
         assert spec["rayVersion"] == RAY_VERSION, where
-    assert f"ray[default,train,data]=={RAY_VERSION}" in pyproject_dependencies()
+    assert f"ray[default,train,data,serve]=={RAY_VERSION}" in pyproject_dependencies()
 
 
 def all_images(doc: dict) -> Iterator[str]:
@@ -271,7 +273,7 @@ def test_gpu_groups_declare_and_tolerate_their_gpus_and_others_request_none():
         else:
             assert gpus == {"requests": 0, "limits": 0}, where
             assert not container["image"].endswith("-gpu"), where
-    assert gpu_groups == 4
+    assert gpu_groups == 5
 
 
 def test_every_ray_pod_has_a_memory_backed_dev_shm_and_the_s3_secret():
@@ -286,7 +288,7 @@ def test_every_ray_pod_has_a_memory_backed_dev_shm_and_the_s3_secret():
 
 def test_every_ray_cluster_uses_token_auth_and_keeps_tasks_off_the_head():
     specs = list(ray_cluster_specs())
-    assert len(specs) == 4
+    assert len(specs) == 5
     for where, spec in specs:
         assert spec["authOptions"] == {"mode": "token"}, where
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", where
@@ -313,6 +315,11 @@ def test_both_nightly_schedules_are_the_same_night():
 # kubectl's strict field validation rejects anything else at apply time.
 KUBERAY_FIELDS = {
     "RayCronJob": {"schedule", "jobTemplate"},
+    "RayService": {
+        "serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
+        "excludeHeadPodFromServeSvc", "deploymentUnhealthySecondThreshold",
+        "serviceUnhealthySecondThreshold", "rayClusterDeletionDelaySeconds",
+    },
     "RayJob": {
         "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate",
         "metadata", "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy",
@@ -374,6 +381,61 @@ def test_scheduler_may_create_rayjobs_and_nothing_else():
     assert role["rules"] == [
         {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# Serve
+
+
+def serve_configs() -> Iterator[tuple[str, dict]]:
+    """cluster/serve.yaml, and the serveConfigV2 of every RayService."""
+    yield "cluster/serve.yaml", load_docs(CLUSTER / "serve.yaml")[0]
+    for where, obj in k8s_objects():
+        if obj["kind"] == "RayService":
+            yield f"{where} serveConfigV2", parse_all(obj["spec"]["serveConfigV2"])[0]
+
+
+def test_serve_configs_match_serves_own_schema_and_pin_pyprojects_dependencies():
+    from ray.serve.schema import ServeDeploySchema
+
+    configs = list(serve_configs())
+    assert len(configs) == 2
+    for where, config in configs:
+        ServeDeploySchema.model_validate(config)
+        for app in config["applications"]:
+            assert app["runtime_env"]["pip"] == pyproject_dependencies(), where
+            assert app["import_path"] == "clf.serve.app:build_app", where
+
+
+def test_the_rayservice_deploys_exactly_cluster_serve_yaml():
+    (_, from_file), (_, in_rayservice) = serve_configs()
+    assert in_rayservice == from_file
+
+
+def test_the_serve_configs_args_build_the_application_jobs_serve_runs(tmp_path):
+    """Serve calls the builder with ``args`` on the cluster: here with a local artifact."""
+    from clf.serve.app import HEADROOM, build_app
+
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"format": "onnx", "files": {"onnx": "model.onnx"}, "classes": ["a", "b"]})
+    )
+    for where, config in serve_configs():
+        (app,) = config["applications"]
+        built = build_app({**app["args"], "model": str(tmp_path)})
+        options = built._bound_deployment._deployment_config
+        args = app["args"]
+        assert options.max_ongoing_requests == args["max_queued_requests"] + HEADROOM, where
+        assert options.max_ongoing_requests >= args["max_batch_size"], where
+        assert options.autoscaling_config is not None, where  # replicas: auto
+        assert built._bound_deployment.ray_actor_options["num_gpus"] == args["gpus_per_replica"]
+
+
+def test_an_unknown_serve_arg_is_refused_by_the_builder(tmp_path):
+    from clf.errors import UsageError
+    from clf.serve.app import build_app
+
+    with pytest.raises(UsageError, match="unknown config key max_batch"):
+        build_app({"model": str(tmp_path), "max_batch": 8})
 
 
 # ------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ def test_a_port_in_use_is_refused_before_ray_starts(mobilenet_artifact):
             ["--host", "no-such-host.invalid"],
             "--host no-such-host.invalid: not an address of this machine",
         ),
-        (["--top-k", "1001"], "--top-k 1001: the model has 1000 classes"),
         (["--format", "int8"], "--format int8: "),
     ],
 )

@@ -15,8 +15,6 @@ def check_serve(cfg: ServeConfig) -> dict[str, Any]:
     cfg.validate()
     meta = read_meta(cfg.model)
     check_format_in(meta, cfg.model, cfg.format)
-    if cfg.top_k > len(meta["classes"]):
-        raise UsageError(f"--top-k {cfg.top_k}: the model has {len(meta['classes'])} classes")
     return meta
 
 
