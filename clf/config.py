@@ -248,7 +248,9 @@ class ServeConfig:
     format: str | None = None  # which of the artifact's files to run; None: its own
     host: str = "127.0.0.1"  # loopback unless the user names another address on purpose
     port: int = 8000
-    replicas: int | Literal["auto"] = 1  # auto: Serve scales replicas with the load
+    # None: one per CPU of the cluster, as TorchServe's workers, or one per GPU share;
+    # auto: Serve adds and removes replicas with the load
+    replicas: int | Literal["auto"] | None = None
     gpus_per_replica: float = 0.0  # 0: replicas run on CPU
     max_batch_size: int = 32  # images per model call
     batch_wait_ms: float = 10.0  # how long a batch waits to fill before it runs
@@ -262,7 +264,7 @@ class ServeConfig:
             raise UsageError("--model is required")
         if not 1 <= self.port <= 65535:
             raise UsageError(f"--port must be in [1, 65535], got {self.port}")
-        if self.replicas != "auto":
+        if self.replicas not in ("auto", None):
             _at_least_one("replicas", self.replicas)
         for key in ("max_batch_size", "max_queued_requests", "top_k", "max_pixels"):
             _at_least_one(key, getattr(self, key))

@@ -1,4 +1,4 @@
-"""jobs.serve: the artifact behind an HTTP endpoint on Ray Serve, until Ctrl-C.
+"""jobs.serve: the artifact behind an HTTP endpoint on Ray Serve, until Ctrl-C or SIGTERM.
 
 Routes: POST /predict (one image), POST /predict/batch (multipart files), GET /healthz,
 /readyz, /metadata and /metrics. Requests that arrive together run as one model call.
@@ -7,6 +7,8 @@ Routes: POST /predict (one image), POST /predict/batch (multipart files), GET /h
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 
 from clf import cli, runtime
 from clf.artifact.meta import FORMATS
@@ -44,7 +46,8 @@ def build_parser():
         "--replicas",
         type=replicas,
         default=d.replicas,
-        help="model replicas, or auto: Serve adds and removes them with the load",
+        help="model replicas (default: one per CPU, or one per GPU share with "
+        "--gpus-per-replica), or auto: Serve adds and removes them with the load",
     )
     p.add_argument(
         "--gpus-per-replica",
@@ -98,7 +101,9 @@ def main() -> None:
     runtime.init_ray()
     from clf.serve.job import serve
 
-    summary = serve(cfg, progress)
+    stop = threading.Event()  # SIGTERM (systemd, Kubernetes) stops as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    summary = serve(cfg, progress, stop)
     cli.emit(summary, [f"stopped serving {cfg.model}"], args.json)
 
 

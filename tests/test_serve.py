@@ -5,6 +5,7 @@ request, after which the replica keeps serving."""
 import io
 import json
 import os
+import re
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,9 @@ def server(mobilenet_artifact, batch_answers):
     serve.start(
         http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"}
     )
-    cfg = ServeConfig(model=mobilenet_artifact, max_queued_requests=16, max_body_mb=2).validate()
+    cfg = ServeConfig(
+        model=mobilenet_artifact, replicas=1, max_queued_requests=16, max_body_mb=2
+    ).validate()
     serve.run(application(cfg), name="clf", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, timeout_s=300)
@@ -124,10 +127,14 @@ def assert_same_top(got: list[tuple[str, float]], expected: list[tuple[str, floa
 
 
 def metric(url: str, name: str) -> float:
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    """``name`` summed over its series: one replica's, here."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
 
 
 def test_a_photo_gets_the_same_top5_from_both_routes_jobs_predict_and_jobs_label(
@@ -254,10 +261,17 @@ def test_health_readiness_and_metadata_describe_the_artifact(server, mobilenet_a
 def test_metrics_count_requests_by_status_and_decode_errors(server):
     post_image(server, b"garbage", "image/jpeg")
     text = requests.get(f"{server}/metrics", timeout=10).text
-    assert 'clf_serve_requests_total{route="/predict",status="200"}' in text
-    assert 'clf_serve_requests_total{route="/predict",status="400"}' in text
-    assert 'clf_serve_decode_errors_total{status="400"}' in text
-    assert 'clf_serve_request_seconds_bucket{le="0.05",route="/predict"}' in text
+    replica = r'replica="[\w-]+"'
+    assert re.search(
+        rf'clf_serve_requests_total\{{{replica},route="/predict",status="200"\}}', text
+    )
+    assert re.search(
+        rf'clf_serve_requests_total\{{{replica},route="/predict",status="400"\}}', text
+    )
+    assert re.search(rf'clf_serve_decode_errors_total\{{{replica},status="400"\}} [1-9]', text)
+    assert re.search(
+        rf'clf_serve_request_seconds_bucket\{{le="0.05",{replica},route="/predict"\}}', text
+    )
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +283,11 @@ def tiny_queue(server, mobilenet_artifact):
     from clf.serve.app import application
 
     cfg = ServeConfig(
-        model=mobilenet_artifact, max_queued_requests=2, max_batch_size=64, batch_wait_ms=1000
+        model=mobilenet_artifact,
+        replicas=1,
+        max_queued_requests=2,
+        max_batch_size=64,
+        batch_wait_ms=1000,
     ).validate()
     serve.run(application(cfg), name="tiny-queue", route_prefix="/tiny")
     wait_until_ready(f"{server}/tiny", timeout_s=300)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ray.serve import Application
 
+from clf import runtime
 from clf.config import ServeConfig, from_dict
 from clf.serve.checks import check_serve
 from clf.serve.replica import ClassifierReplica
@@ -19,6 +21,9 @@ GRACEFUL_SHUTDOWN_S = 60
 
 
 def application(cfg: ServeConfig) -> Application:
+    """The deployment of ``cfg``; without ``cfg.replicas``, sized for the cluster Ray joined."""
+    if cfg.replicas is None:
+        cfg = dataclasses.replace(cfg, replicas=default_replicas(cfg.gpus_per_replica))
     most = cfg.max_queued_requests + HEADROOM
     return ClassifierReplica.options(
         num_replicas=cfg.replicas,
@@ -29,6 +34,17 @@ def application(cfg: ServeConfig) -> Application:
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": 1, "num_gpus": cfg.gpus_per_replica},
     ).bind(cfg)
+
+
+def default_replicas(gpus_per_replica: float) -> int:
+    """One replica per GPU share; without GPUs, one per CPU, each running its model on one
+    thread: a replica's Python handles each request in one process, and several of them
+    serve more than one with more threads (benchmarks/RESULTS.md)."""
+    if gpus_per_replica > 0:
+        return max(1, runtime.gpu_actor_slots(gpus_per_replica))
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -25,6 +25,7 @@ def serve(
 ) -> dict[str, Any]:
     """Deploy, wait until a replica is ready, then block until ``stop`` is set or Ctrl-C.
     Deleting the application lets each replica finish the requests it holds."""
+    stop = stop or threading.Event()
     from ray import serve as ray_serve
 
     from clf.serve.app import application
@@ -42,12 +43,12 @@ def serve(
     url = f"http://{local_host(cfg.host)}:{cfg.port}"
     progress(f"replicas started; loading {cfg.model} and warming it up")
     try:
-        wait_until_ready(url)
-        progress(
-            f"ready in {time.monotonic() - started:.1f} s: POST {url}/predict with an image "
-            "(Ctrl-C stops, after the requests in flight)"
-        )
-        (stop or threading.Event()).wait()
+        if wait_until_ready(url, stop):
+            progress(
+                f"ready in {time.monotonic() - started:.1f} s: POST {url}/predict with an image "
+                "(Ctrl-C stops, after the requests in flight)"
+            )
+            stop.wait()
     except KeyboardInterrupt:
         pass
     finally:  # on a shared cluster, a failed start leaves nothing deployed either
@@ -61,15 +62,19 @@ def local_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
 
 
-def wait_until_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Poll ``/readyz`` until a replica has loaded and warmed up its model; a model that
-    fails to load ends the wait with the replica's reason."""
+def wait_until_ready(
+    url: str, stop: threading.Event | None = None, timeout_s: float = READY_TIMEOUT_S
+) -> bool:
+    """Poll ``/readyz`` until a replica has loaded and warmed up its model (True), or ``stop``
+    is set (False); a model that fails to load ends the wait with the replica's reason."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            return False
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=5) as answer:
                 if answer.status == 200:
-                    return
+                    return True
         except urllib.error.HTTPError as e:  # 503: loading, or failed to load
             reason = _error_of(e)
             if reason and "did not load" in reason:

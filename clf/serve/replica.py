@@ -3,7 +3,7 @@ together (``@serve.batch``), behind the routes of ``clf.serve.routes``.
 
 The replica answers ``/healthz`` at once and loads the model in a thread, so that an
 orchestrator can tell a live replica that is still loading (``/readyz`` 503) from a dead one.
-Images decode in threads with the label job's code (``images.preprocess.eval_pixels``), so that
+Images decode with the label job's code (``images.preprocess.eval_pixels``), so that
 an image gets the same answer here as from jobs.label and jobs.predict.
 """
 
@@ -34,12 +34,13 @@ from clf.serve.uploads import RequestError
 class ClassifierReplica:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        self.gpu = cfg.gpus_per_replica > 0
         self.meta = read_meta(cfg.model)
         self.format = check_format_in(self.meta, cfg.model, cfg.format)
         self.spec = Preprocess.from_meta(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
         self.model_id = file_sha256(self.meta, self.format)[:12]
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(serve.get_replica_context().replica_id.unique_id)
         self.model: Classifier | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -54,9 +55,11 @@ class ClassifierReplica:
     def load_and_warm_up(self) -> None:
         """Load the artifact and run one full batch, so the first request pays for neither."""
         try:
-            gpu = self.cfg.gpus_per_replica > 0
             model = load_classifier(
-                self.cfg.model, prefer_gpu=gpu, threads=model_threads(self.cfg), format=self.format
+                self.cfg.model,
+                prefer_gpu=self.gpu,
+                threads=model_threads(self.cfg),
+                format=self.format,
             )
             crop = self.spec.crop
             model.predict_proba(np.zeros((self.cfg.max_batch_size, 3, crop, crop), np.uint8))
@@ -108,10 +111,13 @@ class ClassifierReplica:
         if self.model is None:
             raise RequestError(503, self.load_error)
         try:
-            pixels = await asyncio.to_thread(eval_pixels, data, self.spec, self.cfg.max_pixels)
+            if self.gpu:  # the node's cores are free for decoding while the GPU infers
+                pixels = await asyncio.to_thread(eval_pixels, data, self.spec, self.cfg.max_pixels)
+            else:  # on a CPU replica, handing each image to a thread costs more than it frees
+                pixels = eval_pixels(data, self.spec, self.cfg.max_pixels)
         except DecodeError as e:
             status = 413 if isinstance(e, ImageTooLargeError) else 400
-            self.telemetry.decode_errors.labels(status=str(status)).inc()
+            self.telemetry.decode_error(status)
             raise RequestError(status, str(e)) from None
         probs = await self.predict_batch(pixels)
         scores, indices = top_k(probs[np.newaxis], k)
@@ -129,9 +135,8 @@ class ClassifierReplica:
 
 
 def model_threads(cfg: ServeConfig) -> int:
-    """A replica's model threads: one beside a GPU; on CPU, its share of the node's cores, which
-    it shares with its own decoding threads."""
-    if cfg.gpus_per_replica > 0:
+    """A replica's model threads: one beside a GPU, or when Serve may start many replicas
+    (auto); else its share of the node's cores."""
+    if cfg.gpus_per_replica > 0 or not isinstance(cfg.replicas, int):
         return 1
-    replicas = cfg.replicas if isinstance(cfg.replicas, int) else 1
-    return max(1, (os.cpu_count() or 1) // replicas)
+    return max(1, (os.cpu_count() or 1) // cfg.replicas)

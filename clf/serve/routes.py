@@ -18,22 +18,13 @@ from clf.serve.telemetry import CONTENT_TYPE
 from clf.serve.uploads import RequestError
 
 
-def http_app(replica: Any) -> FastAPI:
+def http_app(replica: Any) -> CountRequests:
     """The routes of ``replica``, a ``clf.serve.replica.ClassifierReplica``."""
     app = FastAPI(title="clf", docs_url=None, redoc_url=None, openapi_url=None)
     limit = replica.cfg.max_body_bytes
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"model": replica.model_id, "top": [], "error": message}, status)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")  # the route's template, never the raw path of a 404
-        name = route.path if route is not None else "unmatched"
-        replica.telemetry.answered(name, response.status_code, time.perf_counter() - started)
-        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -84,4 +75,30 @@ def http_app(replica: Any) -> FastAPI:
                 result["error"] = str(e)
         return result
 
-    return app
+    return CountRequests(app, replica.telemetry)
+
+
+class CountRequests:
+    """Counts each HTTP answer by route and status, with its latency. Plain ASGI: Starlette's
+    ``BaseHTTPMiddleware`` would copy every request and answer through extra streams."""
+
+    def __init__(self, app: FastAPI, telemetry):
+        self.app, self.telemetry = app, telemetry
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")  # the route's template, never the raw path of a 404
+            name = route.path if route is not None else "unmatched"
+            self.telemetry.answered(name, status, time.perf_counter() - started)
