@@ -6,7 +6,9 @@
    workers; jobs.evaluate scores it on the test split and draws its pictures;
 3. jobs.label labels the held-out digits with the fine-tuned model;
 4. jobs.export builds a second artifact straight from the ImageNet weights, which jobs.label
-   and jobs.predict run on real photos from scikit-image and scikit-learn.
+   and jobs.predict run on real photos from scikit-image and scikit-learn;
+5. jobs.serve serves that artifact over HTTP on Ray Serve, answers one photo, and stops on
+   Ctrl-C.
 
 Run it with `make demo`. Every step is the same `python -m jobs.NAME` a user would type.
 """
@@ -18,6 +20,8 @@ import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +42,40 @@ def step(title: str, *args: str) -> dict:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"   done in {time.monotonic() - started:.0f}s", flush=True)
     return summary
+
+
+def serve_one_photo(model: str, photo: str) -> dict:
+    """jobs.serve in the background, one request as an app would send it, then Ctrl-C."""
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["jobs.serve", "--model", model, "--port", str(port), "--replicas", "1"]
+    print(f"\n== serve the ImageNet model over HTTP\n$ python -m {shlex.join(args)}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, text=True)
+    for line in server.stdout:  # progress lines, until the server says it is ready
+        print(f"   {line.rstrip()}", flush=True)
+        if line.startswith("ready"):
+            break
+    else:
+        sys.exit(f"demo: jobs.serve exited with code {server.wait()}")
+    print(f"$ curl -X POST -H 'Content-Type: image/jpeg' --data-binary @{photo} "
+          f"127.0.0.1:{port}/predict", flush=True)  # fmt: skip
+    with open(photo, "rb") as f:
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/predict",
+            data=f.read(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        ).json()
+    print(f"   {json.dumps(answer)[:160]}...", flush=True)
+    server.send_signal(signal.SIGINT)  # Ctrl-C: the server finishes what it holds, then stops
+    for line in server.stdout:
+        print(f"   {line.rstrip()}", flush=True)
+    if server.wait() != 0:
+        sys.exit(f"demo: jobs.serve stopped with exit code {server.returncode}")
+    return answer
 
 
 def write_digits(root: str) -> None:
@@ -180,6 +218,8 @@ def main() -> None:
         photo,
     )
 
+    served = serve_one_photo(f"{OUT}/imagenet-model", photo)
+
     from clf.label.output import read_rows
 
     print("\n== summary")
@@ -205,6 +245,10 @@ def main() -> None:
     print(
         f"jobs.predict {os.path.basename(photo)}: "
         + ", ".join(f"{t['label']} {t['probability']:.2f}" for t in top)
+    )
+    print(
+        f"jobs.serve POST /predict {os.path.basename(photo)}: "
+        + ", ".join(f"{t['label']} {t['score']:.2f}" for t in served["top"])
     )
     print(f"demo finished in {time.monotonic() - started:.0f}s")
 
