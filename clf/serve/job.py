@@ -12,8 +12,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from clf import runtime
 from clf.config import ServeConfig
-from clf.errors import ClfError
+from clf.errors import ClfError, UsageError
 
 APP_NAME = "clf"
 READY_TIMEOUT_S = 600  # a big model from a bucket onto a cold node
@@ -29,6 +30,12 @@ def serve(
     from ray import serve as ray_serve
 
     from clf.serve.app import application
+
+    if cfg.gpus_per_replica > 0 and runtime.gpu_actor_slots(cfg.gpus_per_replica) == 0:
+        raise UsageError(
+            f"--gpus-per-replica {cfg.gpus_per_replica}: no node of the Ray cluster has that "
+            "share of a GPU; 0 serves on CPUs"
+        )
 
     # Importing Serve sets its driver logger to INFO, which logs each step the job reports.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
