@@ -83,13 +83,15 @@ def batch_answers(mobilenet_artifact, photos, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(mobilenet_artifact, batch_answers):
-    """The application on ``ray.init(num_cpus=2)``: a queue of 16 and a 2 MB body limit."""
+    """The application on ``ray.init(num_cpus=2)``, one replica on one CPU: a queue of 16 and a
+    2 MB body limit. The other CPU is for a second application, one test at a time."""
     import ray
     from ray import serve
 
     from clf.serve.app import application
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # One GPU declared and none present: a GPU replica must fall back to the CPU.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     port = free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"}
@@ -274,7 +276,7 @@ def test_metrics_count_requests_by_status_and_decode_errors(server):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny_queue(server, mobilenet_artifact):
     """A second application beside the first, whose queue holds two requests, each waiting
     a second for its batch to fill: a third request at once finds the queue full."""
@@ -305,3 +307,22 @@ def test_a_full_queue_answers_503_with_a_json_error_and_the_replica_keeps_servin
         if answer.status_code == 503:
             assert answer.json()["error"] == "the server's queue is full; retry shortly"
     assert post_image(tiny_queue, GOOD).json()["top"][0]["label"] == "tench"
+
+
+def test_a_replica_given_a_gpu_share_without_cuda_serves_the_same_answers_on_the_cpu(
+    server, mobilenet_artifact, batch_answers
+):
+    from ray import serve
+
+    from clf.serve.app import application
+
+    cfg = ServeConfig(model=mobilenet_artifact, replicas=1, gpus_per_replica=1.0).validate()
+    serve.run(application(cfg), name="gpu-share", route_prefix="/gpu")
+    try:
+        wait_until_ready(f"{server}/gpu", timeout_s=300)
+        labelled, _ = batch_answers
+        for photo in PHOTOS:
+            answer = post_image(f"{server}/gpu", photo.read_bytes()).json()
+            assert_same_top(top(answer), labelled[photo.name])
+    finally:
+        serve.delete("gpu-share")
