@@ -8,6 +8,7 @@ from clf import cli, models
 from clf.artifact.formats import INT8_MIN_AGREEMENT
 from clf.artifact.meta import FORMATS, parse_formats, read_meta
 from clf.errors import UsageError
+from clf.zeroshot import clip
 
 
 def build_parser():
@@ -15,12 +16,22 @@ def build_parser():
     p.add_argument(
         "--run", type=cli.location, help="training run (RUN) whose best checkpoint to export"
     )
-    p.add_argument("--model", help="with --pretrained: architecture name")
+    p.add_argument(
+        "--model",
+        help="with --pretrained: architecture name; clip:ARCH (an open_clip name) makes a "
+        "zero-shot classifier of --classes",
+    )
     p.add_argument("--pretrained", type=cli.location, help="with --model: state dict path or URI")
     p.add_argument(
         "--classes",
         type=cli.location,
         help="with --model: classes file (.json or one per line) or 'imagenet'",
+    )
+    p.add_argument(
+        "--prompts",
+        type=cli.location,
+        help="with --model clip:ARCH: templates with {}, one per line, or 'imagenet' for "
+        "open_clip's 80 (default: six short ones, 'a photo of a {}.' first)",
     )
     p.add_argument(
         "--format",
@@ -90,7 +101,10 @@ def main() -> None:
     else:
         if not args.pretrained or not args.classes:
             raise UsageError("--model needs --pretrained PATH_OR_URI and --classes FILE|imagenet")
-        models.check_model_name(args.model)
+        if args.model.startswith(clip.PREFIX):
+            clip.arch_of(args.model)
+        else:
+            models.check_model_name(args.model)
         from clf.artifact.export import from_pretrained
 
         meta = from_pretrained(
@@ -101,6 +115,7 @@ def main() -> None:
             formats,
             sample=args.sample,
             min_int8_agreement=args.min_int8_agreement,
+            prompts=args.prompts,
         )
     cli.emit(
         {

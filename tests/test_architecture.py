@@ -13,7 +13,7 @@ from conftest import ROOT
 
 CLF = ROOT / "clf"
 JOB_PACKAGES = {"clf.label", "clf.evaluate", "clf.training", "clf.serve"}
-SHARED_PACKAGES = {"clf.artifact", "clf.dataset", "clf.images", "clf.inference"}
+SHARED_PACKAGES = {"clf.artifact", "clf.dataset", "clf.images", "clf.inference", "clf.zeroshot"}
 
 
 def module_name(path: Path) -> str:

@@ -18,6 +18,7 @@ from clf.artifact.meta import FILES, check_formats
 from clf.artifact.sample import load_sample
 from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
+from clf.zeroshot import clip, head
 
 RANDOM_SAMPLE = "random tensors (no real images given)"
 
@@ -107,11 +108,24 @@ def from_pretrained(
     formats: tuple[str, ...] = ("torchscript",),
     sample: str | None = None,
     min_int8_agreement: float | None = None,
+    prompts: str | None = None,
 ) -> dict[str, Any]:
-    models.check_model_name(name)
+    """An artifact of ``name``'s pretrained weights; ``clip:ARCH`` makes a zero-shot
+    classifier of ``classes_spec`` from the ``prompts`` templates."""
     classes = resolve_classes(classes_spec)
-    model = models.create_model(name, len(classes), pretrained=pretrained, with_head=True)
-    spec = models.default_preprocess(name, model)
+    zero_shot = {}
+    if clip.is_clip(name):
+        templates = head.resolve_prompts(prompts)
+        model, tokenizer = clip.load_clip(name, pretrained)
+        spec = clip.clip_preprocess(model)
+        model = head.zero_shot_classifier(model, tokenizer, classes, templates)
+        zero_shot = {"zero_shot": {"prompts": templates}}
+    else:
+        if prompts is not None:
+            raise UsageError("--prompts is for zero-shot models, --model clip:ARCH")
+        models.check_model_name(name)
+        model = models.create_model(name, len(classes), pretrained=pretrained, with_head=True)
+        spec = models.default_preprocess(name, model)
     images = load_sample(sample, spec, classes)
     return export_artifact(
         model,
@@ -122,7 +136,8 @@ def from_pretrained(
         formats=tuple(formats),
         source_run=None,
         metrics={
-            "pretrained": storage.normalize(pretrained) if "://" not in pretrained else pretrained
+            "pretrained": storage.normalize(pretrained) if "://" not in pretrained else pretrained,
+            **zero_shot,
         },
         sample=images.images,
         labels=images.labels,
