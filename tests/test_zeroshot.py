@@ -17,6 +17,7 @@ from conftest import HYMENOPTERA, job_json, run_in_process, run_job
 from clf.artifact.classifier import load_classifier
 from clf.config import DEFAULT_MAX_PIXELS
 from clf.images.preprocess import eval_pixels
+from clf.zeroshot.head import DEFAULT_PROMPTS
 
 TINY = {
     "embed_dim": 64,
@@ -79,8 +80,6 @@ def zero_shot_artifact(clip_folder, classes_file, tmp_path_factory):
 def reference_probabilities(model, pixels: np.ndarray) -> np.ndarray:
     """open_clip's own zero-shot classifier over the same pixels."""
     import open_clip
-
-    from clf.zeroshot.head import DEFAULT_PROMPTS
 
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
     mean = torch.tensor(PREPROCESS["mean"]).view(1, 3, 1, 1) * 255
@@ -223,3 +222,71 @@ def test_prompts_from_a_file_must_each_hold_a_place_for_the_class(classes_file, 
     )  # fmt: skip
     assert done.returncode == 2
     assert "expected one template with {} per line" in done.stderr
+
+
+def test_training_a_clip_model_starts_from_the_zero_shot_head_of_the_runs_classes(clip_folder):
+    import open_clip
+
+    from clf.training.network import create_network, network_preprocess
+
+    folder, model = clip_folder
+    network = create_network("clip:tiny", ["ants", "bees"], str(folder))
+    with torch.no_grad():
+        text = open_clip.build_zero_shot_classifier(
+            model, open_clip.tokenizer.SimpleTokenizer(), ["ants", "bees"], DEFAULT_PROMPTS
+        )
+    expected = text.T * model.logit_scale.exp()
+    torch.testing.assert_close(network.head.weight, expected, atol=1e-5, rtol=1e-5)
+    assert network_preprocess("clip:tiny", str(folder)).input_size == 64
+
+
+def test_training_a_clip_model_without_weights_is_refused_before_ray_starts(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"counts": {"train": 4, "val": 2}}))
+    done = run_in_process(
+        "jobs.train", "--data", str(data), "--model", "clip:ViT-B-32", "--output", str(tmp_path / "r")
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--model clip:ViT-B-32 needs --pretrained CLIP weights" in done.stderr
+
+
+@pytest.mark.slow
+def test_jobs_train_fine_tunes_a_clip_model_for_an_epoch_and_its_artifact_labels(
+    clip_folder, tmp_path
+):
+    data, run = tmp_path / "data", tmp_path / "run"
+    job_json(run_job("jobs.ingest", "--src", str(HYMENOPTERA), "--dst", str(data), "--json"))
+    trained = job_json(
+        run_job(
+            "jobs.train",
+            "--data",
+            str(data),
+            "--model",
+            "clip:tiny",
+            "--pretrained",
+            str(clip_folder[0]),
+            "--output",
+            str(run),
+            "--epochs",
+            "1",
+            "--workers",
+            "2",
+            "--batch-size",
+            "16",
+            "--strategy",
+            "two-phase",
+            "--head-epochs",
+            "0",
+            "--json",
+        )  # fmt: skip
+    )
+    assert trained["epochs_run"] == 1 and trained["model"] == str(run / "model")
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert meta["arch"] == "clip:tiny" and meta["classes"] == ["ants", "bees"]
+    assert meta["input_size"] == 64 and meta["interpolation"] == "bicubic"
+    labels = tmp_path / "labels"
+    done = run_job("jobs.label", "--model", str(run / "model"), "--input", str(data / "val"),
+                   "--output", str(labels), "--json")  # fmt: skip
+    val = json.loads((data / "manifest.json").read_text())["counts"]["val"]
+    assert job_json(done)["labelled"] == sum(val.values()) == 153

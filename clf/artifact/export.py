@@ -115,11 +115,9 @@ def from_pretrained(
     classes = resolve_classes(classes_spec)
     zero_shot = {}
     if clip.is_clip(name):
-        templates = head.resolve_prompts(prompts)
-        model, tokenizer = clip.load_clip(name, pretrained)
-        spec = clip.clip_preprocess(model)
-        model = head.zero_shot_classifier(model, tokenizer, classes, templates)
-        zero_shot = {"zero_shot": {"prompts": templates}}
+        model = head.build_zero_shot(name, pretrained, classes, prompts)
+        spec = clip.clip_preprocess(model.visual)
+        zero_shot = {"zero_shot": {"prompts": head.resolve_prompts(prompts)}}
     else:
         if prompts is not None:
             raise UsageError("--prompts is for zero-shot models, --model clip:ARCH")

@@ -10,6 +10,7 @@ from clf import storage
 from clf.config import BASELINE_MODEL, TrainConfig
 from clf.dataset.shards import read_classes
 from clf.errors import UsageError
+from clf.zeroshot import clip
 
 
 def check_train(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
@@ -25,7 +26,10 @@ def check_train(cfg: TrainConfig) -> tuple[list[str], dict[str, Any]]:
             raise UsageError(f"--data {cfg.data.path}: the {split} split is empty")
     if cfg.model.pretrained and not storage.exists(cfg.model.pretrained):
         raise UsageError(f"--pretrained {cfg.model.pretrained}: not found")
-    if cfg.model.name != BASELINE_MODEL:
+    if clip.is_clip(cfg.model.name):
+        if not cfg.model.pretrained:
+            raise UsageError(f"--model {cfg.model.name} needs --pretrained CLIP weights")
+    elif cfg.model.name != BASELINE_MODEL:
         from clf import models
 
         models.check_model_name(cfg.model.name)

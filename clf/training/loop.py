@@ -21,6 +21,7 @@ from clf.images.preprocess import Preprocess
 from clf.images.transforms import batch_mixer
 from clf.training import checkpoint, history
 from clf.training.loader import BalancedResampler, DecodeCollate, balanced_weights, shard_name
+from clf.training.network import create_network
 from clf.training.optim import create_optimizer, create_scheduler
 
 
@@ -185,8 +186,8 @@ def set_up_worker(config: dict[str, Any]) -> Worker:
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = models.create_model(
-        cfg.model.name, len(classes), pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate
+    model = create_network(
+        cfg.model.name, classes, cfg.model.pretrained, drop_rate=cfg.model.drop_rate
     ).to(device)
     torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentations per rank
     if cfg.channels_last:

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from clf import models, runtime, storage
+from clf import runtime, storage
 from clf.artifact.export import export_artifact
 from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
 from clf.training import checkpoint, history
+from clf.training.network import create_network, network_preprocess
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TrainSummary:
 
 
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
-    spec = models.default_preprocess(cfg.model.name)
+    spec = network_preprocess(cfg.model.name, cfg.model.pretrained)
     if cfg.data.input_size:
         spec = spec.with_size(cfg.data.input_size)
     if cfg.data.norm == "imagenet":
@@ -187,7 +188,7 @@ def export_run(
             raise UsageError(f"--run {run}: no checkpoint yet") from None
     state = checkpoint.load_state_uri(folder)
     classes = resolved["classes"]
-    model = models.create_model(resolved["model"]["name"], len(classes))
+    model = create_network(resolved["model"]["name"], classes, resolved["model"]["pretrained"])
     model.load_state_dict(state.get("ema", state["model"]))  # the EMA weights were the ones scored
     epoch_metrics = {r["epoch"]: r for r in history.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")

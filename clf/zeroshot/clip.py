@@ -19,7 +19,6 @@ from clf.errors import ModelLoadError, UsageError
 from clf.images.preprocess import Preprocess
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 PREFIX = "clip:"
@@ -44,38 +43,50 @@ def arch_of(name: str) -> str:
 def load_clip(name: str, pretrained: str) -> tuple[nn.Module, object]:  # noqa: F821
     """(open_clip model in eval mode, its tokenizer) for ``clip:ARCH`` and the weights at
     ``pretrained``, checked key by key."""
+    from clf import models  # torch: not for the checks that only read PREFIX
+
+    with tempfile.TemporaryDirectory(prefix="clf-clip-") as local:
+        model, tokenizer, weights = _create(name, pretrained, local)
+        _load_state(model, dict(models.load_state_dict_file(weights)), weights, name)
+    return model.eval(), tokenizer
+
+
+def clip_preprocess_of(name: str, pretrained: str) -> Preprocess:
+    """CLIP's preprocessing for ``clip:ARCH`` and ``pretrained``, without loading weights."""
+    with tempfile.TemporaryDirectory(prefix="clf-clip-") as local:
+        model, _, _ = _create(name, pretrained, local)
+    return clip_preprocess(model.visual)
+
+
+def _create(name: str, pretrained: str, local: str) -> tuple[nn.Module, object, str]:  # noqa: F821
+    """(open_clip model with random weights, tokenizer, the weights' URI)."""
     import open_clip
 
     arch = arch_of(name)
     source = pretrained.removeprefix(LOCAL_DIR)
     if not storage.exists(source):
         raise UsageError(f"--pretrained {pretrained}: no such file or folder")
-    with tempfile.TemporaryDirectory(prefix="clf-clip-") as local:
-        if storage.exists(storage.join(source, FOLDER_CONFIG)):
-            # The config alone, in a folder of its own: open_clip would load the weights beside
-            # it by itself, with an error that names no file.
-            config = os.path.join(local, "config")
-            os.makedirs(config)
-            with open(os.path.join(config, FOLDER_CONFIG), "wb") as f:
-                f.write(storage.read_bytes(storage.join(source, FOLDER_CONFIG)))
-            with _quiet_root_logger():  # it warns that no weights were loaded: they are, below
-                model = open_clip.create_model(f"{LOCAL_DIR}{config}", pretrained=None)
-            tokenizer = open_clip.get_tokenizer(f"{LOCAL_DIR}{config}")
-            weights = _weights_in(source)
-        else:
-            if arch not in open_clip.list_models():
-                raise UsageError(f"--model {name}: open_clip has no architecture {arch!r}")
-            with _quiet_root_logger():
-                model = open_clip.create_model(arch, pretrained=None)
-            tokenizer = open_clip.get_tokenizer(arch)
-            weights = source
-        _load_state(model, _read_state(_local_copy(weights, local), weights), weights, name)
-    return model.eval(), tokenizer
+    if storage.exists(storage.join(source, FOLDER_CONFIG)):
+        # The config alone, in a folder of its own: open_clip would load the weights beside
+        # it by itself, with an error that names no file.
+        config = os.path.join(local, "config")
+        os.makedirs(config)
+        with open(os.path.join(config, FOLDER_CONFIG), "wb") as f:
+            f.write(storage.read_bytes(storage.join(source, FOLDER_CONFIG)))
+        with _quiet_root_logger():  # it warns that no weights were loaded: they are, later
+            model = open_clip.create_model(f"{LOCAL_DIR}{config}", pretrained=None)
+        return model, open_clip.get_tokenizer(f"{LOCAL_DIR}{config}"), _weights_in(source)
+    if arch not in open_clip.list_models():
+        raise UsageError(f"--model {name}: open_clip has no architecture {arch!r}")
+    with _quiet_root_logger():
+        model = open_clip.create_model(arch, pretrained=None)
+    return model, open_clip.get_tokenizer(arch), source
 
 
-def clip_preprocess(model: nn.Module) -> Preprocess:
-    """CLIP's eval transform: the shorter side resized to the input size, then a center crop."""
-    cfg = model.visual.preprocess_cfg
+def clip_preprocess(visual: nn.Module) -> Preprocess:  # noqa: F821
+    """CLIP's eval transform for an image tower: the shorter side resized to the input size,
+    then a center crop."""
+    cfg = visual.preprocess_cfg
     size = cfg["size"]
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     return Preprocess(
@@ -98,39 +109,11 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _local_copy(uri: str, local: str) -> str:
-    """A local path for the file ``uri``: itself when local, else downloaded under ``local``."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    path = os.path.join(local, os.path.basename(uri))
-    with open(path, "wb") as f:
-        f.write(storage.read_bytes(uri))
-    return path
-
-
 def _weights_in(folder: str) -> str:
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.pt"):
         if storage.exists(storage.join(folder, name)):
             return storage.join(folder, name)
     raise UsageError(f"--pretrained {folder}: no open_clip_model.safetensors or .bin in it")
-
-
-def _read_state(path: str, uri: str) -> dict[str, torch.Tensor]:
-    """The state dict in the local file ``path``, a copy of ``uri``."""
-    import torch
-
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or foreign file: say which, in one line
-        raise ModelLoadError(f"--pretrained {uri}: not a readable state dict ({e})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _load_state(model: nn.Module, state: dict, pretrained: str, name: str) -> None:  # noqa: F821

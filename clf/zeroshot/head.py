@@ -67,3 +67,14 @@ def zero_shot_classifier(
         )  # (dim, classes)
     scale = float(model.logit_scale.detach().exp())
     return ZeroShotClassifier(model.visual, weights.T.contiguous(), scale)
+
+
+def build_zero_shot(
+    name: str, pretrained: str, classes: list[str], prompts: str | None = None
+) -> ZeroShotClassifier:
+    """The zero-shot classifier of ``classes`` from ``clip:ARCH`` and its weights."""
+    from clf.zeroshot.clip import load_clip
+
+    templates = resolve_prompts(prompts)
+    model, tokenizer = load_clip(name, pretrained)
+    return zero_shot_classifier(model, tokenizer, classes, templates)
