@@ -290,3 +290,28 @@ def test_jobs_train_fine_tunes_a_clip_model_for_an_epoch_and_its_artifact_labels
                    "--output", str(labels), "--json")  # fmt: skip
     val = json.loads((data / "manifest.json").read_text())["counts"]["val"]
     assert job_json(done)["labelled"] == sum(val.values()) == 153
+
+
+def test_imagenet_prompts_are_open_clips_80_templates():
+    from clf.zeroshot.head import resolve_prompts
+
+    prompts = resolve_prompts("imagenet")
+    assert len(prompts) == 80 and all("{}" in p for p in prompts)
+
+
+def test_weights_in_a_bucket_export_as_from_disk(clip_folder, classes_file, bucket, tmp_path):
+    import boto3
+
+    name = bucket.removeprefix("s3://")
+    for path in clip_folder[0].iterdir():
+        boto3.client("s3").upload_file(str(path), name, f"weights/tiny/{path.name}")
+    out = tmp_path / "art"
+    done = run_in_process(
+        "jobs.export", "--model", "clip:tiny", "--pretrained", f"{bucket}/weights/tiny",
+        "--classes", classes_file, "--format", "onnx", "--output", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    model = load_classifier(str(out), prefer_gpu=False)
+    pixels = photo_pixels(model.preprocess)
+    expected = reference_probabilities(clip_folder[1], pixels)
+    np.testing.assert_allclose(model.predict_proba(pixels), expected, atol=1e-4)
