@@ -161,16 +161,28 @@ def test_a_state_dict_file_for_a_registered_architecture_exports_too(
 
 
 def test_exporting_attempts_no_network_access(clip_folder, classes_file, tmp_path, monkeypatch):
+    """Every connection or name lookup off this machine is refused and recorded; the machine's
+    own names and addresses stay open for whatever else the test process runs (moto, a Ray of
+    earlier tests)."""
+    here = {None, "127.0.0.1", "::1", "localhost", socket.gethostname(), socket.getfqdn()}
+    here.add(socket.gethostbyname(socket.gethostname()))
     attempts = []
 
     def refuse(self, address, *args):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in here:
             attempts.append(address)
             raise OSError("network access blocked by the test")
         return real_connect(self, address, *args)
 
-    real_connect = socket.socket.connect
+    def refuse_lookup(host, *args, **kwargs):
+        if host not in here:
+            attempts.append(host)
+            raise socket.gaierror("name lookups blocked by the test")
+        return real_lookup(host, *args, **kwargs)
+
+    real_connect, real_lookup = socket.socket.connect, socket.getaddrinfo
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_lookup)
     done = run_in_process(
         "jobs.export", "--model", "clip:tiny", "--pretrained", f"local-dir:{clip_folder[0]}",
         "--classes", classes_file, "--format", "onnx", "--output", str(tmp_path / "art"),
