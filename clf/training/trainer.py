@@ -16,6 +16,7 @@ from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
 from clf.training import checkpoint, history
 from clf.training.network import create_network, network_preprocess
+from clf.zeroshot import clip
 
 
 @dataclass
@@ -188,7 +189,11 @@ def export_run(
             raise UsageError(f"--run {run}: no checkpoint yet") from None
     state = checkpoint.load_state_uri(folder)
     classes = resolved["classes"]
-    model = create_network(resolved["model"]["name"], classes, resolved["model"]["pretrained"])
+    name = resolved["model"]["name"]
+    # The checkpoint holds every weight; only a CLIP network needs its weights' folder, for the
+    # architecture they describe.
+    pretrained = resolved["model"]["pretrained"] if clip.is_clip(name) else None
+    model = create_network(name, classes, pretrained)
     model.load_state_dict(state.get("ema", state["model"]))  # the EMA weights were the ones scored
     epoch_metrics = {r["epoch"]: r for r in history.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")
