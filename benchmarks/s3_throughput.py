@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks._jobs import SHARED, mobilenet_weights, scratch_dir
+from benchmarks._jobs import SHARED, free_port, mobilenet_weights, scratch_dir
 from benchmarks._moto import CREDENTIALS, MotoServer, moto_server, object_key
 from benchmarks.label_memory import tree_pss
 from tests.faultproxy import FaultProxy
@@ -44,12 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = SHARED / "cifar10-small" / "train"
 BUCKET = "bench"
 JOB_TIMEOUT_S = 1800  # each run is bounded; a run that hangs fails the benchmark
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def images(count: int) -> list[str]:

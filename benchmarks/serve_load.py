@@ -26,23 +26,16 @@ import asyncio
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks._jobs import ROOT, SHARED, job, mobilenet_weights, scratch_dir
+from benchmarks._jobs import ROOT, SHARED, free_port, job, mobilenet_weights, scratch_dir
 
 SAMPLES = SHARED / "imagenet-samples"
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------

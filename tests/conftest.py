@@ -109,7 +109,7 @@ def bad_files_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,7 +125,7 @@ S3_TEST_ENV = {
 
 def start_moto(**env: str) -> tuple[subprocess.Popen, str]:
     """A moto S3 server on a free loopback port; ``env`` configures it (e.g. auth)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

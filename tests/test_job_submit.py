@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import IMAGENET_SAMPLES, ROOT
+from conftest import IMAGENET_SAMPLES, ROOT, free_port
 
 from clf.label.output import read_rows
 
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.slow
 
 MARKER = "CLF_TEST_RAY_HEAD"  # in the environment of every process of the head under test
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_processes(marker: str) -> list[int]:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, LARGE_PHOTOS, job_json, run_in_process, run_job
+from conftest import (
+    HYMENOPTERA,
+    IMAGENET_SAMPLES,
+    LARGE_PHOTOS,
+    free_port,
+    job_json,
+    run_in_process,
+    run_job,
+)
 from PIL import Image
 from test_decode import png_header_only
 
@@ -31,12 +38,6 @@ PHOTOS = [
     LARGE_PHOTOS / "Dune.jpg",  # 1.3 to 4.9 megapixels: the JPEG draft decode
 ]
 GOOD = PHOTOS[0].read_bytes()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

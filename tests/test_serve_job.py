@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import IMAGENET_SAMPLES, ROOT, run_in_process
+from conftest import IMAGENET_SAMPLES, ROOT, free_port, run_in_process
 from faultproxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
 TENCH = (IMAGENET_SAMPLES / "n01440764_tench.JPEG").read_bytes()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_port_in_use_is_refused_before_ray_starts(mobilenet_artifact):

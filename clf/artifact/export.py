@@ -115,9 +115,10 @@ def from_pretrained(
     classes = resolve_classes(classes_spec)
     zero_shot = {}
     if clip.is_clip(name):
-        model = head.build_zero_shot(name, pretrained, classes, prompts)
+        templates = head.resolve_prompts(prompts)
+        model = head.build_zero_shot(name, pretrained, classes, templates)
         spec = clip.clip_preprocess(model.visual)
-        zero_shot = {"zero_shot": {"prompts": head.resolve_prompts(prompts)}}
+        zero_shot = {"zero_shot": {"prompts": templates}}
     else:
         if prompts is not None:
             raise UsageError("--prompts is for zero-shot models, --model clip:ARCH")

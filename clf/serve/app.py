@@ -10,6 +10,7 @@ from ray.serve import Application
 
 from clf import runtime
 from clf.config import ServeConfig, from_dict
+from clf.inference.stage import cluster_cpus
 from clf.serve.checks import check_serve
 from clf.serve.replica import ClassifierReplica
 
@@ -42,9 +43,7 @@ def default_replicas(gpus_per_replica: float) -> int:
     serve more than one with more threads (benchmarks/RESULTS.md)."""
     if gpus_per_replica > 0:
         return max(1, runtime.gpu_actor_slots(gpus_per_replica))
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, cluster_cpus())
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -70,11 +70,11 @@ def zero_shot_classifier(
 
 
 def build_zero_shot(
-    name: str, pretrained: str, classes: list[str], prompts: str | None = None
+    name: str, pretrained: str, classes: list[str], prompts: list[str] = DEFAULT_PROMPTS
 ) -> ZeroShotClassifier:
-    """The zero-shot classifier of ``classes`` from ``clip:ARCH`` and its weights."""
+    """The zero-shot classifier of ``classes`` from ``clip:ARCH``, its weights and the
+    ``prompts`` templates (``resolve_prompts``)."""
     from clf.zeroshot.clip import load_clip
 
-    templates = resolve_prompts(prompts)
     model, tokenizer = load_clip(name, pretrained)
-    return zero_shot_classifier(model, tokenizer, classes, templates)
+    return zero_shot_classifier(model, tokenizer, classes, list(prompts))
