@@ -82,7 +82,7 @@ def main() -> None:
         f"labelled {summary.labelled} images in {summary.seconds:.1f}s "
         f"({summary.images_per_s:.1f} img/s); {summary.already_labelled} were already labelled",
         f"errors: {errors}",
-        f"output: {summary.output}",
+        f"output: {summary.output} (run {summary.run})",
     ]
     cli.emit(asdict(summary) | {"images_per_s": summary.images_per_s}, lines, args.json)
 

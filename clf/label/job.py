@@ -18,6 +18,7 @@ from typing import Any
 
 from clf import runtime, storage
 from clf.config import LabelConfig
+from clf.dataset.label_rows import new_run_id, read_rows, record_run
 from clf.errors import ClfError, UsageError
 from clf.images.preprocess import Preprocess
 from clf.inference.parquet_rows import read_shard_rows
@@ -25,7 +26,7 @@ from clf.inference.pixels import decode_batch, read_batch
 from clf.inference.stage import cluster_cpus, decode_then_infer, files_per_task, pool_size
 from clf.label.checks import JOB_FILE, label_job
 from clf.label.inputs import Inputs, list_inputs, shard_plan
-from clf.label.output import CommitProgress, covered_uris, read_rows, remove_temp_files
+from clf.label.output import CommitProgress, covered_uris, remove_temp_files
 from clf.label.predictor import Predictor
 from clf.label.sink import AtomicParquetSink
 
@@ -43,6 +44,7 @@ class LabelSummary:
     errors: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     listing_seconds: float = 0.0
+    run: str = ""  # this run's record in OUTPUT/_runs, which jobs.monitor reads
 
     @property
     def images_per_s(self) -> float:
@@ -55,6 +57,7 @@ def label(
     """Label what ``cfg.output`` does not cover yet; ``meta``: the artifact's meta.json, as
     ``checks.check_label`` returned it."""
     started = time.monotonic()
+    run_id, started_at = new_run_id(), _now()
     storage.write_json(storage.join(cfg.output, JOB_FILE), label_job(cfg, meta))
     remove_temp_files(cfg.output)
     inputs = list_inputs(cfg.input)
@@ -76,7 +79,26 @@ def label(
         run_started = time.monotonic()
         label_rows(cfg, meta, inputs, todo, progress)
         summary.seconds = time.monotonic() - run_started
-    return count_rows(cfg.output, inputs, todo, summary)
+    summary = count_rows(cfg.output, inputs, todo, summary)
+    summary.run = run_id
+    record_run(
+        cfg.output,
+        run_id,
+        {
+            "started_at": started_at,
+            "finished_at": _now(),
+            "input": storage.normalize(cfg.input),
+            "model": meta["sha256"][:12],
+            "model_uri": storage.normalize(cfg.model),
+            "inputs": summary.inputs,
+            "labelled": summary.labelled,
+        },
+    )
+    return summary
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def label_rows(

@@ -1,4 +1,5 @@
-"""A label output read back: its committed files and rows, and progress while they arrive."""
+"""A label output as a run finds it: temp files a kill left, the inputs already covered, and
+progress while this run's rows arrive."""
 
 from __future__ import annotations
 
@@ -6,17 +7,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import storage
+from clf.dataset.label_rows import committed_files, read_rows
 from clf.errors import ClfError
-from clf.label.sink import LABEL_SCHEMA, TEMP_FILE
-
-
-def committed_files(output: str) -> list[str]:
-    """Only renamed-into-place files count: a temp file left by a kill is never output."""
-    return [f for f in storage.list_files(output, recursive=False) if f.endswith(".parquet")]
+from clf.label.sink import TEMP_FILE
 
 
 def remove_temp_files(output: str) -> None:
@@ -27,15 +23,6 @@ def remove_temp_files(output: str) -> None:
 
 def covered_uris(output: str) -> set[str]:
     return set(read_rows(output, ["uri"]).column("uri").to_pylist())
-
-
-def read_rows(output: str, columns: list[str] | None = None) -> pa.Table:
-    schema = pa.schema([LABEL_SCHEMA.field(c) for c in columns]) if columns else LABEL_SCHEMA
-    tables = []
-    for uri in committed_files(output):
-        fs, path = storage.resolve(uri)
-        tables.append(pq.read_table(path, filesystem=fs, schema=LABEL_SCHEMA, columns=columns))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class CommitProgress:

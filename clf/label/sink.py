@@ -1,4 +1,4 @@
-"""Label rows on storage: their schema, and the sink that commits them exactly once.
+"""The sink that commits label rows (``dataset.label_rows``) exactly once.
 
 Each output file is written whole and renamed into place (one PUT on S3), named by a hash of
 the inputs it covers. Kept apart from the predictor and free of torch, because Ray Data runs
@@ -19,19 +19,8 @@ from ray.data import Datasink
 
 from clf import storage
 from clf.config import LabelConfig
+from clf.dataset.label_rows import LABEL_SCHEMA
 
-LABEL_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("label", pa.string()),
-        ("label_id", pa.int32()),
-        ("confidence", pa.float32()),
-        ("topk_labels", pa.list_(pa.string())),
-        ("topk_scores", pa.list_(pa.float32())),
-        ("model", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 # What storage.write_bytes leaves behind when killed between its write and its rename.
 TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
