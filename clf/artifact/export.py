@@ -15,6 +15,7 @@ from torch import nn
 from clf import models, storage
 from clf.artifact import formats as fmts
 from clf.artifact.meta import FILES, check_formats
+from clf.artifact.reference import record_reference
 from clf.artifact.sample import load_sample
 from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
@@ -126,7 +127,7 @@ def from_pretrained(
         model = models.create_model(name, len(classes), pretrained=pretrained, with_head=True)
         spec = models.default_preprocess(name, model)
     images = load_sample(sample, spec, classes)
-    return export_artifact(
+    meta = export_artifact(
         model,
         output,
         arch=name,
@@ -143,3 +144,6 @@ def from_pretrained(
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
     )
+    if sample is not None:  # packaged photos are nobody's data: no reference from them
+        meta = record_reference(output, sample)
+    return meta

@@ -43,15 +43,8 @@ def load_sample(
     """
     if uri is None:
         return _packaged(spec)
-    files = storage.list_files(uri) if storage.is_dir(uri) else [uri]
-    shards = [f for f in files if f.endswith(".parquet")]
-    if shards:
-        encoded, names = _from_shards(shards, limit)
-    else:
-        files = [f for f in files if not f.endswith(".json")]
-        picked = [files[i] for i in _spread(len(files), limit)]  # every class of a class/ tree
-        encoded = [storage.read_bytes(f) for f in picked]
-        names = [_parent_name(f) for f in picked]
+    files = sample_files(uri, limit)
+    encoded, names = [f.data for f in files], [f.class_name for f in files]
     images, kept = [], []
     for i, data in enumerate(encoded):
         try:
@@ -70,6 +63,26 @@ def load_sample(
     return Sample(spec.normalize(torch.stack(images)), labels, source)
 
 
+@dataclass
+class SampleFile:
+    uri: str  # as a label row names it: the file, or SHARD#KEY
+    data: bytes
+    class_name: str  # the shard's label_name, or the folder the file sits in
+
+
+def sample_files(uri: str, limit: int) -> list[SampleFile]:
+    """Up to ``limit`` encoded images from Parquet shards (their first rows) or image files
+    (spread over the listing, so that a class/ tree gives every class)."""
+    files = storage.list_files(uri) if storage.is_dir(uri) else [uri]
+    shards = [f for f in files if f.endswith(".parquet")]
+    if shards:
+        return _from_shards(shards, limit)
+    files = [f for f in files if not f.endswith(".json")]
+    picked = [files[i] for i in _spread(len(files), limit)]
+    reads = storage.read_many(picked)
+    return [SampleFile(f, read.result(), _parent_name(f)) for f, read in zip(picked, reads)]
+
+
 def _parent_name(uri: str) -> str:
     return posixpath.basename(posixpath.dirname(uri.replace(os.sep, "/")))
 
@@ -78,21 +91,22 @@ def _spread(n: int, limit: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, limit)).astype(int).tolist())) if n else []
 
 
-def _from_shards(shards: list[str], limit: int) -> tuple[list[bytes], list[str]]:
+def _from_shards(shards: list[str], limit: int) -> list[SampleFile]:
     """The first rows of the shards: ingest shuffles each split, so they are a fair draw."""
     import pyarrow.parquet as pq
 
-    encoded: list[bytes] = []
-    names: list[str] = []
+    found: list[SampleFile] = []
     for shard in sorted(shards):
         fs, path = storage.resolve(shard)
         with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(64, columns=["image", "label_name"]):
-                encoded += batch.column("image").to_pylist()
-                names += batch.column("label_name").to_pylist()
-                if len(encoded) >= limit:
-                    return encoded[:limit], names[:limit]
-    return encoded, names
+            for batch in pq.ParquetFile(f).iter_batches(64, columns=["key", "image", "label_name"]):
+                for key, data, name in zip(
+                    *(batch.column(c).to_pylist() for c in batch.schema.names)
+                ):
+                    found.append(SampleFile(f"{shard}#{key}", data, name))
+                if len(found) >= limit:
+                    return found[:limit]
+    return found
 
 
 def _packaged(spec: Preprocess) -> Sample:

@@ -1,7 +1,9 @@
-"""Top-k prediction for a few images, in-process (no Ray needed for a handful of files)."""
+"""Prediction for a few images in the caller's process (no Ray needed for a handful), with the
+label job's decode and crop, so that both give an image the same label."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -11,8 +13,42 @@ from clf.artifact import classifier
 from clf.config import DEFAULT_MAX_PIXELS
 from clf.images.decode import DecodeError
 from clf.images.preprocess import eval_pixels
+from clf.inference.actor import Predictions
 
 BATCH = 32
+
+
+def predict_encoded(
+    model: classifier.Classifier, images: Iterable[bytes | Exception], batch: int = BATCH
+) -> Predictions:
+    """Class probabilities of encoded ``images``; an image that failed to read (an exception in
+    its place) or to decode gets its error reason instead."""
+    pixels, errors = [], []
+    for image in images:
+        try:
+            if isinstance(image, Exception):
+                raise image
+            pixels.append(eval_pixels(image, model.preprocess, DEFAULT_MAX_PIXELS))
+            errors.append("")
+        except (DecodeError, storage.StorageError) as e:
+            errors.append(str(e))
+    ok = np.array([e == "" for e in errors], dtype=bool)
+    parts = [
+        model.predict_proba(np.stack(pixels[start : start + batch]))
+        for start in range(0, len(pixels), batch)
+    ]
+    return Predictions(ok, np.concatenate(parts) if parts else None, errors)
+
+
+def read_all(uris: list[str]) -> list[bytes | Exception]:
+    """Each file's bytes, or the ``StorageError`` that reading it raised."""
+    results: list[bytes | Exception] = []
+    for read in storage.read_many(uris):
+        try:
+            results.append(read.result())
+        except storage.StorageError as e:
+            results.append(e)
+    return results
 
 
 def predict(
@@ -20,21 +56,14 @@ def predict(
 ) -> dict[str, Any]:
     """``{"model", "format", "results": [{"image", "error", "top": [{"label", "probability"}]}]}``."""
     model = classifier.load_classifier(model_uri, prefer_gpu=False, format=format)
-    spec = model.preprocess
-    results: list[dict[str, Any]] = [{"image": uri, "error": None, "top": []} for uri in images]
-    pixels, rows = [], []
-    for row, read in enumerate(storage.read_many(images)):
-        try:  # the label job's decode and crop, so both give an image the same label
-            pixels.append(eval_pixels(read.result(), spec, DEFAULT_MAX_PIXELS))
-        except (DecodeError, storage.StorageError) as e:
-            results[row]["error"] = str(e)
-            continue
-        rows.append(row)
-    k = min(top_k, len(model.classes))
-    for start in range(0, len(pixels), BATCH):
-        probs = model.predict_proba(np.stack(pixels[start : start + BATCH]))
-        scores, indices = classifier.top_k(probs, k)
-        for row, values, classes in zip(rows[start : start + BATCH], scores, indices):
+    found = predict_encoded(model, read_all(images))
+    results: list[dict[str, Any]] = [
+        {"image": uri, "error": error or None, "top": []}
+        for uri, error in zip(images, found.errors)
+    ]
+    if found.probs is not None:
+        scores, indices = classifier.top_k(found.probs, min(top_k, len(model.classes)))
+        for row, values, classes in zip(np.flatnonzero(found.ok), scores, indices):
             results[row]["top"] = [
                 {"label": model.classes[i], "probability": round(float(p), 6)}
                 for p, i in zip(values, classes)

@@ -174,8 +174,10 @@ def export_run(
 ) -> str:
     """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``).
 
-    Parity is checked on ``sample``, by default the first 256 images of the run's val split.
+    Parity is checked on ``sample``, by default the first 256 images of the run's val split,
+    and the model's labels of up to 2,000 of them are its reference for ``jobs.monitor``.
     """
+    from clf.artifact.reference import record_reference
     from clf.artifact.sample import load_sample
 
     config_uri = storage.join(run, "config.json")
@@ -218,4 +220,6 @@ def export_run(
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
     )
+    if sample is not None:  # packaged photos are nobody's data: no reference from them
+        record_reference(output, sample)
     return output

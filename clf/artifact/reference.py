@@ -1,0 +1,58 @@
+"""What an artifact's model says of the images it was made for: label rows of its validation
+images (a run's val split, or ``--sample``), kept in the artifact as ``reference.parquet``.
+``jobs.monitor`` compares a night's label rows with them."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clf import storage
+from clf.artifact.classifier import load_classifier, top_k
+from clf.artifact.meta import read_meta
+from clf.artifact.sample import sample_files
+from clf.dataset.label_rows import label_table
+from clf.inference.in_process import predict_encoded
+
+REFERENCE_FILE = "reference.parquet"
+REFERENCE_IMAGES = 2000
+# More than jobs.label's default, so that a night labelled with a larger --top-k still compares.
+REFERENCE_TOP_K = 10
+
+
+def record_reference(artifact: str, images: str, limit: int = REFERENCE_IMAGES) -> dict[str, Any]:
+    """Label up to ``limit`` of ``images`` (shards or image files) with the artifact at
+    ``artifact``, as ``jobs.label`` would, and record them as its reference."""
+    found = sample_files(images, limit)
+    model = load_classifier(artifact, prefer_gpu=False)
+    predictions = predict_encoded(model, [f.data for f in found])
+    k = min(REFERENCE_TOP_K, len(model.classes))
+    scores = np.zeros((len(found), k), dtype=np.float32)
+    indices = np.zeros((len(found), k), dtype=np.int64)
+    if predictions.probs is not None:
+        scores[predictions.ok], indices[predictions.ok] = top_k(predictions.probs, k)
+    rows = label_table(
+        [f.uri for f in found],
+        predictions.ok,
+        scores,
+        indices,
+        predictions.errors,
+        np.array(model.classes, dtype=object),
+        model.model_id,
+    )
+    return write_reference(artifact, rows, f"{len(found)} images from {storage.normalize(images)}")
+
+
+def write_reference(artifact: str, rows: pa.Table, source: str) -> dict[str, Any]:
+    """``rows`` as the artifact's reference; meta.json names it, rewritten last."""
+    sink = io.BytesIO()
+    pq.write_table(rows, sink)
+    storage.write_bytes(storage.join(artifact, REFERENCE_FILE), sink.getvalue())
+    meta = read_meta(artifact)
+    meta["reference"] = {"file": REFERENCE_FILE, "source": source, "rows": rows.num_rows}
+    storage.write_json(storage.join(artifact, "meta.json"), meta)
+    return meta
