@@ -3,19 +3,15 @@ images it got wrong with the most confidence."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import ImageOps
 
 from clf import plots
 from clf.artifact.formats import OnnxModule
-from clf.dataset.shards import read_shard
-from clf.images.decode import DecodeError, decode_image
-
-THUMBNAIL = 192
+from clf.dataset.shards import read_images
+from clf.images.decode import thumbnail
 
 
 def first_conv_weight(module: torch.nn.Module) -> np.ndarray | None:
@@ -77,25 +73,10 @@ def mistakes_png(images: Sequence[bytes], captions: Sequence[str]) -> bytes:
     return plots.image_grid([thumbnail(data) for data in images], captions)
 
 
-def thumbnail(data: bytes, size: int = THUMBNAIL) -> np.ndarray:
-    try:
-        image = decode_image(data, min_size=size, max_one_colour=None)
-    except DecodeError:
-        return np.full((size, size, 3), 127, dtype=np.uint8)
-    return np.asarray(ImageOps.fit(image, (size, size)))
-
-
 def read_shard_images(refs: Sequence[tuple[str, str]]) -> list[bytes]:
-    """Encoded bytes of (shard URI, key) pairs, in order; reads only the shards and rows named."""
-    wanted: dict[str, set[str]] = defaultdict(set)
-    for shard, key in refs:
-        wanted[shard].add(key)
-    found: dict[tuple[str, str], bytes] = {}
-    for shard, keys in wanted.items():
-        table = read_shard(shard, ["key", "image"], keys)
-        for key, data in zip(table["key"].to_pylist(), table["image"].to_pylist()):
-            found[(shard, key)] = data
-    return [found.get(ref, b"") for ref in refs]
+    """Encoded bytes of (shard URI, key) pairs, in order (empty where unreadable)."""
+    found = read_images([f"{shard}#{key}" for shard, key in refs])
+    return [data if isinstance(data, bytes) else b"" for data in found]
 
 
 def _short(name: str, limit: int = 18) -> str:

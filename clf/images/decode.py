@@ -18,6 +18,7 @@ from clf.config import DEFAULT_MAX_PIXELS
 # Real photos never have this share of pixels in one exact colour (the most uniform of the
 # test photos stays well below it); blank scans and "image not found" placeholders do.
 DEFAULT_MAX_ONE_COLOUR = 0.9
+THUMBNAIL = 192  # pixels a side on a contact sheet
 
 # We enforce our own pixel limit (before decoding), so Pillow's warning-or-error is noise.
 Image.MAX_IMAGE_PIXELS = None
@@ -81,6 +82,17 @@ def decode_image(
         if share >= max_one_colour:
             raise DecodeError(f"blank or placeholder image ({share:.0%} one colour)")
     return image
+
+
+def thumbnail(data: bytes | Exception, size: int = THUMBNAIL) -> np.ndarray:
+    """A square HWC uint8 crop for a contact sheet; grey where the image does not decode."""
+    try:
+        if isinstance(data, Exception):
+            raise DecodeError(str(data))
+        image = decode_image(data, min_size=size, max_one_colour=None)
+    except DecodeError:
+        return np.full((size, size, 3), 127, dtype=np.uint8)
+    return np.asarray(ImageOps.fit(image, (size, size)))
 
 
 def _largest_colour_share(image: Image.Image) -> float:
