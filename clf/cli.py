@@ -144,11 +144,12 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def run(prog: str, main: Callable[[], dict[str, Any] | None]) -> NoReturn:
-    """Run a job's ``main``; a ``ClfError`` becomes one line on stderr (exit 2 for usage)."""
+def run(prog: str, main: Callable[[], int | None]) -> NoReturn:
+    """Run a job's ``main``, which may return its exit code; a ``ClfError`` becomes one line on
+    stderr (exit 2 for usage)."""
     runtime.tune_allocator()
     try:
-        main()
+        code = main() or 0
     except UsageError as e:
         print(f"jobs.{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -158,7 +159,7 @@ def run(prog: str, main: Callable[[], dict[str, Any] | None]) -> NoReturn:
     except KeyboardInterrupt:
         print(f"jobs.{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(code)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:

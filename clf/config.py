@@ -147,7 +147,7 @@ class TrainConfig:
 
 @dataclass
 class IngestConfig:
-    src: str = ""
+    src: str | None = None  # or labels
     dst: str = ""
     val_fraction: float = 0.2  # used when the source has no val/ folder
     test_fraction: float = 0.0  # used when the source has no test/ folder
@@ -156,8 +156,14 @@ class IngestConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     overwrite: bool = False
     read_concurrency: int = DEFAULT_READ_CONCURRENCY  # source images read at once
+    labels: str | None = None  # a CSV of uri,label to add to the existing ingest at dst
+    split: Literal["train", "val", "test"] = "train"  # --labels: where images new to dst go
 
     def validate(self) -> IngestConfig:
+        if not self.dst:
+            raise UsageError("--dst is required")
+        if bool(self.src) == bool(self.labels):
+            raise UsageError("give --src (a folder tree to ingest) or --labels (a CSV), not both")
         for key in ("val_fraction", "test_fraction"):
             value = getattr(self, key)
             if not 0 <= value < 1:
@@ -279,6 +285,47 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+
+ReviewStrategy = Literal["least-confidence", "margin", "entropy"]
+
+
+@dataclass
+class MonitorConfig:
+    labels: str = ""  # a jobs.label output
+    output: str = ""  # folder or prefix for drift.json, drift.png and the review queue
+    run: str | None = None  # which run of --labels; None: the latest that labelled anything
+    # An artifact (its reference.parquet) or a label output; None: the run's own artifact.
+    reference: str | None = None
+    reference_run: str | None = None  # of a --reference label output; None: all its other rows
+    p_value: float = 0.05  # chi-square and KS: drift below this p-value
+    js_distance: float = 0.1  # class shares: drift at or above this Jensen-Shannon distance
+    psi: float = 0.1  # confidence and entropy: drift at or above this PSI
+    error_share: float = 0.05  # drift when the share of error rows grows by this much or more
+    # The tests decide while either sample has at most this many rows; past it the distances
+    # do, since a test on so many rows flags shifts too small to matter.
+    large_sample: int = 1000
+    review: int = 0  # rows in the review queue; 0: no queue
+    strategy: ReviewStrategy = "least-confidence"
+    stratify: bool = False  # review: at most an even share of the queue per predicted class
+
+    def validate(self) -> MonitorConfig:
+        for key in ("labels", "output"):
+            if not getattr(self, key):
+                raise UsageError(f"--{key} is required")
+        if not 0 < self.p_value < 1:
+            raise UsageError(f"--p-value must be in (0, 1), got {self.p_value}")
+        for key in ("js_distance", "error_share"):
+            if not 0 < getattr(self, key) <= 1:
+                raise UsageError(
+                    f"--{key.replace('_', '-')} must be in (0, 1], got {getattr(self, key)}"
+                )
+        _positive(self, "psi", "large_sample")
+        if self.review < 0:
+            raise UsageError(f"--review must be 0 or more, got {self.review}")
+        if self.reference_run and not self.reference:
+            raise UsageError("--reference-run needs --reference, a label output")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ DPI = 100
 # Beyond this many classes the tick labels overlap whatever the size, so the heatmap drops them.
 MAX_LABELLED_CLASSES = 60
 MAX_ANNOTATED_CLASSES = 12  # cells carry their share and count up to this many classes
+MAX_SHARE_BARS = 30  # a drift figure shows the classes whose share moved most, up to this many
 
 
 def confusion_pixels(num_classes: int) -> int:
@@ -102,6 +103,31 @@ def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], columns: i
     for ax, image, caption in zip(axes, images, captions):
         ax.imshow(image)
         ax.set_title(caption, fontsize=8)
+    return to_png(fig)
+
+
+def drift_figure(
+    shares: dict[str, dict[str, float]], reference: np.ndarray, run: np.ndarray, title: str
+) -> bytes:
+    """Class shares of the reference and the run side by side (the classes that moved most, when
+    there are many), and their confidence histograms overlaid."""
+    fig = Figure(figsize=(12.8, 5.2), dpi=DPI, layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    moved = sorted(shares, key=lambda c: -abs(shares[c]["run"] - shares[c]["reference"]))
+    names = [c for c in shares if c in set(moved[:MAX_SHARE_BARS])]
+    x = np.arange(len(names))
+    left.bar(x - 0.2, [shares[c]["reference"] for c in names], 0.4, label="reference")
+    left.bar(x + 0.2, [shares[c]["run"] for c in names], 0.4, label="run")
+    left.set_xticks(x, [_short(c) for c in names], rotation=90 if len(names) > 8 else 0)
+    shown = "" if len(names) == len(shares) else f" ({len(names)} of {len(shares)} that moved most)"
+    left.set(ylabel="share of labelled rows", title=f"predicted classes{shown}")
+    left.legend()
+    bins = np.linspace(0, 1, 21)
+    right.hist(reference, bins, density=True, alpha=0.5, label=f"reference ({len(reference)})")
+    right.hist(run, bins, density=True, alpha=0.5, label=f"run ({len(run)})")
+    right.set(xlabel="confidence (top-1 probability)", ylabel="density", title="confidence")
+    right.legend(loc="upper left")
+    fig.suptitle(title)
     return to_png(fig)
 
 

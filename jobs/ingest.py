@@ -1,4 +1,8 @@
-"""jobs.ingest: an ImageFolder tree -> Parquet image shards, classes.json and manifest.json."""
+"""jobs.ingest: an ImageFolder tree -> Parquet image shards, classes.json and manifest.json.
+
+With --labels CSV instead of --src: add the images of a CSV of uri,label (a filled-in review.csv
+from jobs.monitor) to the ingest at --dst, as new shards; an image --dst already holds keeps its
+split and takes the corrected class."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ from dataclasses import asdict
 
 from clf import cli, runtime, storage
 from clf.config import IngestConfig
+from clf.dataset.add_labels import add_labels
 from clf.dataset.ingest import ingest, write_shard
+from clf.dataset.shards import SPLITS
 from clf.errors import UsageError
 
 
@@ -15,8 +21,18 @@ def build_parser():
     p.add_argument(
         "--src",
         type=cli.location,
-        required=True,
         help="ImageFolder tree (class/*.jpg) or train/ val/ [test/]",
+    )
+    p.add_argument(
+        "--labels",
+        type=cli.location,
+        help="instead of --src: a CSV of uri,label to add to the ingest at --dst",
+    )
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=IngestConfig.split,
+        help="--labels: the split of images --dst does not hold yet",
     )
     p.add_argument("--dst", type=cli.location, required=True, help="output folder or s3:// prefix")
     p.add_argument(
@@ -76,6 +92,8 @@ def run_on_ray(plans):
 def main() -> None:
     args = build_parser().parse_args()
     cfg = cli.config_from_args(IngestConfig, args).validate()
+    if cfg.labels:
+        return add_labels_main(cfg, args.json)
     if not storage.is_dir(cfg.src):
         what = "a file, not a folder" if storage.exists(cfg.src) else "no such folder or prefix"
         raise UsageError(f"--src {cfg.src}: {what}")
@@ -89,6 +107,17 @@ def main() -> None:
         *[f"  {r['key']}: {r['reason']}" for r in summary.rejected[:10]],
     ]
     cli.emit(asdict(summary) | {"images": summary.images}, lines, args.json)
+
+
+def add_labels_main(cfg: IngestConfig, as_json: bool) -> None:
+    summary = add_labels(cfg, progress=cli.progress(as_json))
+    added = ", ".join(f"{split} {n}" for split, n in summary.added.items()) or "none"
+    lines = [
+        f"added labelled images to {summary.dst}: {added}; {summary.relabelled} relabelled, "
+        f"{summary.unchanged} unchanged ({len(summary.shards)} shards written, "
+        f"{summary.seconds:.1f}s)"
+    ]
+    cli.emit(asdict(summary), lines, as_json)
 
 
 if __name__ == "__main__":

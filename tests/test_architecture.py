@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import ROOT
 
 CLF = ROOT / "clf"
-JOB_PACKAGES = {"clf.label", "clf.evaluate", "clf.training", "clf.serve"}
+JOB_PACKAGES = {"clf.label", "clf.evaluate", "clf.training", "clf.serve", "clf.monitor"}
 SHARED_PACKAGES = {"clf.artifact", "clf.dataset", "clf.images", "clf.inference", "clf.zeroshot"}
 
 
@@ -110,3 +110,11 @@ def test_the_checks_that_run_before_ray_import_neither_torch_nor_sklearn():
 
     checks = "clf.label.checks, clf.evaluate.checks, clf.training.checks, clf.serve.checks"
     assert imported_by(checks, {"torch", "torchvision", "sklearn", "ray"}) == []
+
+
+def test_monitoring_needs_no_torch_ray_or_model_runtime():
+    from conftest import imported_by
+
+    heavy = {"torch", "torchvision", "sklearn", "ray", "onnxruntime"}
+    assert imported_by("clf.monitor.checks", heavy | {"scipy"}) == []
+    assert imported_by("clf.monitor.job", heavy) == []

@@ -13,9 +13,9 @@ import pytest
 from conftest import HYMENOPTERA, ROOT, run_in_process
 
 from clf import cli, runtime
-from clf.config import EvaluateConfig, IngestConfig, LabelConfig, ServeConfig
+from clf.config import EvaluateConfig, IngestConfig, LabelConfig, MonitorConfig, ServeConfig
 
-JOBS = ["ingest", "train", "export", "label", "evaluate", "predict", "serve"]
+JOBS = ["ingest", "train", "export", "label", "evaluate", "predict", "serve", "monitor"]
 
 
 def job(*args: str) -> subprocess.CompletedProcess:
@@ -31,6 +31,7 @@ def job(*args: str) -> subprocess.CompletedProcess:
         ("label", LabelConfig),
         ("evaluate", EvaluateConfig),
         ("serve", ServeConfig),
+        ("monitor", MonitorConfig),
     ],
 )
 def test_every_flag_defaults_to_its_config_fields_default(name, config):

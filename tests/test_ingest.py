@@ -87,3 +87,101 @@ def test_the_job_writes_a_small_source_without_starting_ray(flat_tree, tmp_path)
     done = run_in_process("jobs.ingest", "--src", str(flat_tree), "--dst", str(tmp_path), "--json")
     summary = job_json(done)  # run_in_process also checks that Ray never started
     assert summary["images"] == 120 and summary["shards"] == 2
+
+
+# ----- corrected labels back in (jobs.ingest --labels)
+
+
+@pytest.fixture
+def ingested(flat_tree, tmp_path):
+    dst = str(tmp_path / "data")
+    ingest(IngestConfig(src=str(flat_tree), dst=dst, val_fraction=0.25, shard_size=16))
+    return dst
+
+
+def labels_csv(path, rows) -> str:
+    path.write_text("uri,label,confidence\n" + "".join(f"{u},{lab},0.5\n" for u, lab in rows))
+    return str(path)
+
+
+def shard_rows(dst: str) -> dict[str, tuple[str, str]]:
+    """key -> (split, class) of every image the ingest holds."""
+    import glob
+
+    rows = {}
+    for shard in glob.glob(f"{dst}/*/*.parquet"):
+        split = shard.rsplit("/", 2)[1]
+        table = pq.read_table(shard, columns=["key", "label_name"]).to_pylist()
+        rows |= {r["key"]: (split, r["label_name"]) for r in table}
+    return rows
+
+
+def ingest_labels(*args):
+    return run_in_process("jobs.ingest", *args, "--json")
+
+
+def test_labelled_images_join_train_as_new_shards_with_their_classes(ingested, tmp_path):
+    new = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-5:]
+    csv = labels_csv(tmp_path / "review.csv", [(f, "bees") for f in new[:3]] + [(new[3], "ants")])
+    before = json.loads(open(f"{ingested}/manifest.json").read())
+    summary = job_json(ingest_labels("--labels", csv, "--dst", ingested))
+    assert summary["added"] == {"train": 4} and summary["relabelled"] == 0
+    rows = shard_rows(ingested)
+    assert rows[str(new[0])] == ("train", "bees") and rows[str(new[3])] == ("train", "ants")
+    manifest = json.loads(open(f"{ingested}/manifest.json").read())
+    counts = before["counts"]["train"]
+    assert manifest["counts"]["train"] == {"ants": counts["ants"] + 1, "bees": counts["bees"] + 3}
+    assert manifest["counts"]["val"] == before["counts"]["val"]
+    assert manifest["labels"][0]["added"] == {"train": 4}
+    again = job_json(ingest_labels("--labels", csv, "--dst", ingested))  # nothing twice
+    assert again["added"] == {} and again["unchanged"] == 4
+    assert len(shard_rows(ingested)) == len(rows)
+
+
+def test_an_image_the_ingest_holds_keeps_its_split_and_takes_the_corrected_class(
+    ingested, tmp_path
+):
+    import glob
+
+    shard = sorted(glob.glob(f"{ingested}/val/*.parquet"))[0]
+    key, name = pq.read_table(shard, columns=["key", "label_name"]).to_pylist()[0].values()
+    other = "bees" if name == "ants" else "ants"
+    csv = labels_csv(tmp_path / "fix.csv", [(f"{shard}#{key}", other)])
+    summary = job_json(ingest_labels("--labels", csv, "--dst", ingested, "--split", "test"))
+    assert summary["relabelled"] == 1 and summary["added"] == {}
+    assert shard_rows(ingested)[key] == ("val", other)
+    labels = pq.read_table(shard, columns=["key", "label"]).to_pylist()
+    assert labels[0] == {"key": key, "label": ["ants", "bees"].index(other)}
+
+
+def test_an_unknown_class_or_an_unreadable_image_refuses_the_whole_file(ingested, tmp_path):
+    good = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[-1]
+    before = shard_rows(ingested), open(f"{ingested}/manifest.json").read()
+    cases = {
+        "wasp": ([(good, "ants"), (good.with_name("x.jpg"), "wasps")], "class 'wasps' is not"),
+        "gone": ([(good, "ants"), (tmp_path / "gone.jpg", "bees")], "gone.jpg"),
+        "not an image": ([(good, "ants"), (tmp_path / "labels.csv", "bees")], "not an image"),
+        "both": ([(good, "ants"), (good, "bees")], "labelled both ants and bees"),
+    }
+    for name, (rows, message) in cases.items():
+        done = ingest_labels(
+            "--labels", labels_csv(tmp_path / "labels.csv", rows), "--dst", ingested
+        )
+        error = done.stderr.strip().splitlines()[-1]  # after the progress lines
+        assert done.returncode == 2 and error.startswith("jobs.ingest: error:"), done.stderr
+        assert message in error, (name, error)
+        assert (shard_rows(ingested), open(f"{ingested}/manifest.json").read()) == before, name
+
+
+def test_labels_need_an_existing_ingest_and_are_never_dropped_by_a_new_one(
+    flat_tree, ingested, tmp_path
+):
+    good = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[-1]
+    csv = labels_csv(tmp_path / "labels.csv", [(good, "ants")])
+    done = ingest_labels("--labels", csv, "--dst", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "no manifest.json" in done.stderr
+    done = ingest_labels("--labels", csv, "--src", str(flat_tree), "--dst", ingested)
+    assert done.returncode == 2 and "not both" in done.stderr
+    job_json(ingest_labels("--labels", csv, "--dst", ingested))
+    done = ingest_labels("--src", str(flat_tree), "--dst", ingested)
+    assert done.returncode == 2 and "a new ingest from --src would drop" in done.stderr

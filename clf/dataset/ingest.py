@@ -201,6 +201,11 @@ def ingest(
         previous = storage.read_json(manifest_uri)
         if previous.get("source") != storage.normalize(cfg.src):
             raise UsageError(f"--dst {cfg.dst} already holds an ingest of {previous.get('source')}")
+        if previous.get("labels"):
+            raise UsageError(
+                f"--dst {cfg.dst} holds labels added with --labels, which a new ingest from --src "
+                "would drop; use a new --dst, or --overwrite to drop them"
+            )
     classes, items, rejected = plan(cfg)
     plans = shard_plans(cfg, items)
     progress(
