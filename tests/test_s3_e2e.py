@@ -1,20 +1,25 @@
 """Every job on s3:// against a real S3 API (moto on loopback, reached via AWS_ENDPOINT_URL).
 
 ingest -> train (2 workers, checkpoints in S3) -> export -> label an S3 prefix of real photos
-and bad files, and the same files from a local folder: the two label outputs must agree.
+and bad files, and the same files from a local folder: the two label outputs must agree; then
+jobs.monitor over the bucket's rows.
 Permanent errors (404, 403) end a job with one line naming the URI, before Ray starts.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
 
 import boto3
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, job_json, run_job
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, job_json, run_in_process, run_job
+from PIL import Image
 
 from clf import storage
 from clf.label.output import read_rows
@@ -130,6 +135,13 @@ def test_ingest_and_training_write_shards_checkpoints_and_run_files_to_s3(pipeli
     meta = storage.read_json(f"{BUCKET}/art/meta.json")
     assert meta["classes"] == ["ants", "bees"] and meta["source_run"] == f"{BUCKET}/run"
     assert pipeline["export"]["parity"] < 1e-4
+    # jobs.monitor's reference: the model's labels of the val shards, read from the bucket
+    assert meta["reference"] == {
+        "file": "reference.parquet",
+        "source": f"153 images from {BUCKET}/data/val",
+        "rows": 153,
+    }
+    assert storage.exists(f"{BUCKET}/art/reference.parquet")
 
 
 def test_labels_of_an_s3_prefix_match_the_local_run(pipeline):
@@ -160,6 +172,22 @@ def test_labels_of_an_s3_prefix_match_the_local_run(pipeline):
         wnids.index(os.path.basename(n).split("_", 1)[0]) == r["label_id"] for n, r in good
     )
     assert correct / len(good) >= 0.8
+
+
+def test_monitor_reads_label_rows_and_images_from_s3_and_writes_its_report_there(pipeline):
+    out = f"{BUCKET}/monitor"
+    args = ["--labels", f"{BUCKET}/labels", "--reference", pipeline["local_labels"]]
+    done = run_in_process("jobs.monitor", *args, "--output", out, "--review", "5", "--json")
+    summary = job_json(done)
+    assert summary["verdict"] == "no drift" and summary["run"]["rows"] == 103
+    assert {"class_chi2", "class_js"} <= set(summary["insufficient"])  # one photo per class
+    names = {storage.relative(f, out) for f in storage.list_files(out)}
+    assert names == {"drift.json", "drift.png", "review.parquet", "review.csv", "review.png"}
+    queue = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/review.parquet")))
+    assert all(u.startswith(f"{BUCKET}/images/") for u in queue.column("uri").to_pylist())
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{out}/review.png")))
+    assert sheet.size == (1200, 270)
+    assert len(set(np.asarray(sheet.convert("L")).ravel().tolist())) > 100
 
 
 def predictions(done) -> list[dict]:
