@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import subprocess
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,13 +220,22 @@ def test_runtime_env_merges_with_what_the_driver_forwards(monkeypatch):
 
 
 def yaml_entrypoints() -> Iterator[tuple[str, list[str]]]:
+    """Each job command of each entrypoint; one entrypoint may chain several with ``&&``."""
     for where, spec in ray_job_specs():
-        yield where, shlex.split(spec["entrypoint"])
+        words = shlex.split(spec["entrypoint"])
+        while "&&" in words:
+            yield where, words[: words.index("&&")]
+            words = words[words.index("&&") + 1 :]
+        yield where, words
 
 
 def test_every_yaml_entrypoint_is_accepted_by_its_jobs_parser():
     entrypoints = list(yaml_entrypoints())
-    assert {command[2] for _, command in entrypoints} == {"jobs.train", "jobs.label"}
+    assert {command[2] for _, command in entrypoints} == {
+        "jobs.train",
+        "jobs.label",
+        "jobs.monitor",
+    }
     for _, command in entrypoints:
         accepted_by_job_parser(command)
 
@@ -249,6 +259,18 @@ def test_nightly_labelling_adds_only_what_is_new_and_training_keeps_one_output()
             label_outputs.add(command[command.index("--output") + 1])
         assert command[command.index("--output") + 1].startswith("s3://"), where
     assert len(label_outputs) == 1  # the RayCronJob and the CronJob's RayJob label one place
+
+
+def test_each_nightly_run_monitors_the_rows_it_just_labelled():
+    nights = defaultdict(list)
+    for where, command in yaml_entrypoints():
+        if command[2] in ("jobs.label", "jobs.monitor"):
+            nights[where].append(command)
+    assert len(nights) == 2  # the RayCronJob and the CronJob's RayJob
+    for where, (label, monitor) in nights.items():
+        assert (label[2], monitor[2]) == ("jobs.label", "jobs.monitor"), where
+        assert monitor[monitor.index("--labels") + 1] == label[label.index("--output") + 1]
+        assert "--review" in monitor, where
 
 
 # ------------------------------------------------------------------------------------------
