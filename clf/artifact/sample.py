@@ -100,10 +100,9 @@ def _from_shards(shards: list[str], limit: int) -> list[SampleFile]:
         fs, path = storage.resolve(shard)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(64, columns=["key", "image", "label_name"]):
-                for key, data, name in zip(
-                    *(batch.column(c).to_pylist() for c in batch.schema.names)
-                ):
-                    found.append(SampleFile(f"{shard}#{key}", data, name))
+                keys, images = batch.column("key").to_pylist(), batch.column("image").to_pylist()
+                names = batch.column("label_name").to_pylist()
+                found += [SampleFile(f"{shard}#{k}", d, n) for k, d, n in zip(keys, images, names)]
                 if len(found) >= limit:
                     return found[:limit]
     return found

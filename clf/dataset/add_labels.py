@@ -83,39 +83,10 @@ def add_labels(
     )
     images = read_new(new, cfg.max_pixels)
 
-    index = {name: i for i, name in enumerate(classes)}
     counts = {split: Counter(c) for split, c in manifest["counts"].items()}
-    for start in range(0, len(new), cfg.shard_size):
-        chunk = new[start : start + cfg.shard_size]
-        rows = {
-            "key": [key for _, key, _ in chunk],
-            "image": images[start : start + len(chunk)],
-            "label": [index[label] for _, _, label in chunk],
-            "label_name": [label for _, _, label in chunk],
-        }
-        digest = hashlib.sha256("\n".join(rows["key"]).encode()).hexdigest()[:16]
-        shard = storage.join(cfg.dst, cfg.split, f"labels-{digest}.parquet")
-        _write(shard, pa.table(rows, schema=SHARD_SCHEMA))
-        summary.shards.append(shard)
-        counts.setdefault(cfg.split, Counter()).update(rows["label_name"])
-    for shard, keys in relabel.items():
-        table = read_shard(shard, SHARD_SCHEMA.names)
-        names = [
-            keys.get(k, name)
-            for k, name in zip(table["key"].to_pylist(), table["label_name"].to_pylist())
-        ]
-        split = next(held[k].split for k in keys)
-        for key, label in keys.items():
-            counts[split][held[key].label_name] -= 1
-            counts[split][label] += 1
-        labels = pa.array([index[n] for n in names], pa.int32())
-        table = table.set_column(SHARD_SCHEMA.get_field_index("label"), "label", labels)
-        table = table.set_column(
-            SHARD_SCHEMA.get_field_index("label_name"), "label_name", pa.array(names, pa.string())
-        )
-        _write(shard, table)
-        summary.shards.append(shard)
-    summary.added = dict(Counter(cfg.split for _ in new))
+    summary.shards += write_new_shards(cfg, new, images, classes, counts)
+    summary.shards += relabel_shards(relabel, held, classes, counts)
+    summary.added = {cfg.split: len(new)} if new else {}
     summary.relabelled = sum(map(len, relabel.values()))
     manifest["counts"] = {
         s: dict(sorted((k, v) for k, v in c.items() if v)) for s, c in counts.items()
@@ -132,6 +103,56 @@ def add_labels(
     storage.write_json(manifest_uri, manifest)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def write_new_shards(
+    cfg: IngestConfig,
+    new: list[tuple[str, str, str]],
+    images: list[bytes],
+    classes: list[str],
+    counts: dict[str, Counter],
+) -> list[str]:
+    """``new`` images as ``labels-*.parquet`` shards of ``cfg.split``, named by their keys so
+    that the same CSV writes the same files; ``counts`` learn of them."""
+    index = {name: i for i, name in enumerate(classes)}
+    written = []
+    for start in range(0, len(new), cfg.shard_size):
+        chunk = new[start : start + cfg.shard_size]
+        rows = {
+            "key": [key for _, key, _ in chunk],
+            "image": images[start : start + len(chunk)],
+            "label": [index[label] for _, _, label in chunk],
+            "label_name": [label for _, _, label in chunk],
+        }
+        digest = hashlib.sha256("\n".join(rows["key"]).encode()).hexdigest()[:16]
+        shard = storage.join(cfg.dst, cfg.split, f"labels-{digest}.parquet")
+        _write(shard, pa.table(rows, schema=SHARD_SCHEMA))
+        written.append(shard)
+        counts.setdefault(cfg.split, Counter()).update(rows["label_name"])
+    return written
+
+
+def relabel_shards(
+    relabel: dict[str, dict[str, str]],
+    held: dict[str, Held],
+    classes: list[str],
+    counts: dict[str, Counter],
+) -> list[str]:
+    """Each shard in ``relabel`` rewritten whole, its named keys with their new class."""
+    index = {name: i for i, name in enumerate(classes)}
+    for shard, keys in relabel.items():
+        table = read_shard(shard, SHARD_SCHEMA.names)
+        old = table.column("label_name").to_pylist()
+        names = [keys.get(k, name) for k, name in zip(table.column("key").to_pylist(), old)]
+        for key, label in keys.items():
+            counts[held[key].split][held[key].label_name] -= 1
+            counts[held[key].split][label] += 1
+        labels = pa.array([index[n] for n in names], pa.int32())
+        table = table.set_column(SHARD_SCHEMA.get_field_index("label"), "label", labels)
+        names = pa.array(names, pa.string())
+        table = table.set_column(SHARD_SCHEMA.get_field_index("label_name"), "label_name", names)
+        _write(shard, table)
+    return list(relabel)
 
 
 def read_label_csv(uri: str, classes: list[str]) -> dict[str, str]:

@@ -76,10 +76,7 @@ def read_images(uris: list[str]) -> list[bytes | Exception]:
         except (OSError, storage.StorageError) as e:
             rows, unreadable = {}, storage.StorageError(f"cannot read {shard}: {e}")
         for key, places in keys.items():
+            missing = unreadable or storage.StorageError(f"{shard}: no row with key {key!r}")
             for i in places:
-                found[i] = (
-                    rows[key]
-                    if key in rows
-                    else unreadable or storage.StorageError(f"{shard}: no row with key {key!r}")
-                )
+                found[i] = rows.get(key, missing)
     return found

@@ -86,12 +86,13 @@ def decode_image(
 
 def thumbnail(data: bytes | Exception, size: int = THUMBNAIL) -> np.ndarray:
     """A square HWC uint8 crop for a contact sheet; grey where the image does not decode."""
+    grey = np.full((size, size, 3), 127, dtype=np.uint8)
+    if isinstance(data, Exception):  # it could not be read
+        return grey
     try:
-        if isinstance(data, Exception):
-            raise DecodeError(str(data))
         image = decode_image(data, min_size=size, max_one_colour=None)
     except DecodeError:
-        return np.full((size, size, 3), 127, dtype=np.uint8)
+        return grey
     return np.asarray(ImageOps.fit(image, (size, size)))
 
 

@@ -44,18 +44,20 @@ def uncertainty(strategy: str, topk: np.ndarray) -> np.ndarray:
 
 def candidates(files: list[str], strategy: str) -> Candidates:
     """Scored one file at a time: only the scores and positions of a big run stay in memory."""
-    parts, labels = [], {}
+    parts, labels = [], []
     for i, uri in enumerate(files):
         table = read_files([uri], ["label", "topk_scores", "error"])
         rows = np.flatnonzero(table.column("error").is_null().to_numpy(zero_copy_only=False))
         table = table.take(rows)
-        names = table.column("label").to_pylist()
-        codes = np.array([labels.setdefault(name, len(labels)) for name in names], dtype=np.int64)
+        labels += table.column("label").chunks
         scores = uncertainty(strategy, top_scores(table.column("topk_scores")))
-        parts.append((np.full(len(rows), i), rows, codes, scores))
+        parts.append((np.full(len(rows), i), rows, scores))
     if not parts:
         return Candidates(*(np.zeros(0, dtype=np.int64) for _ in range(3)), np.zeros(0))
-    return Candidates(*(np.concatenate(column) for column in zip(*parts)))
+    names = pa.chunked_array(labels, pa.string())
+    codes = pc.index_in(names, value_set=pc.unique(names)).to_numpy()
+    file, row, score = (np.concatenate(column) for column in zip(*parts))
+    return Candidates(file, row, codes, score)
 
 
 def pick(scores: np.ndarray, labels: np.ndarray, n: int, stratify: bool) -> np.ndarray:
@@ -64,6 +66,7 @@ def pick(scores: np.ndarray, labels: np.ndarray, n: int, stratify: bool) -> np.n
     if not stratify:
         return np.argsort(-scores, kind="stable")[:n]
     by_class = np.lexsort((-scores, labels))  # by class, then by score within it
+    # Each row's rank within its class: its place in by_class minus where its class starts.
     sorted_labels = labels[by_class]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     rank = np.arange(len(by_class)) - np.repeat(starts, np.diff(np.r_[starts, len(by_class)]))
