@@ -210,6 +210,8 @@ class LabelConfig(PoolConfig):
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
     rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
+    # At most this many inputs are labelled in the job's own process, without Ray (0: never).
+    small_input: int = 1000
 
     def validate(self) -> LabelConfig:
         if not self.input:
@@ -217,6 +219,8 @@ class LabelConfig(PoolConfig):
         super().validate()
         _positive(self, "progress_every", "rows_per_file")
         _read_concurrency(self.read_concurrency)
+        if self.small_input < 0:
+            raise UsageError(f"--small-input must be 0 or more, got {self.small_input}")
         return self
 
 

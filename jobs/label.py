@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from clf import cli, runtime
+from clf import cli
 from clf.config import LabelConfig
 from clf.label.checks import check_label
 
@@ -61,6 +61,12 @@ def build_parser():
         "committed, which a re-run labels",
     )
     p.add_argument(
+        "--small-input",
+        type=int,
+        default=LabelConfig.small_input,
+        help="label at most this many inputs in this process, without starting Ray (0: never)",
+    )
+    p.add_argument(
         "--progress-every",
         type=cli.positive_seconds,
         default=LabelConfig.progress_every,
@@ -75,7 +81,6 @@ def main() -> None:
     meta = check_label(cfg)
     from clf.label.job import label
 
-    runtime.init_ray(streaming=True)
     summary = label(cfg, meta, progress=cli.progress(args.json))
     errors = ", ".join(f"{reason}: {n}" for reason, n in summary.errors.items()) or "none"
     lines = [

@@ -146,13 +146,16 @@ def test_the_corpus_covers_every_case(corpus):
     assert Image.open(root / "animated.gif").n_frames == 2
 
 
-def test_every_input_gets_exactly_one_row_and_the_job_exits_0(corpus, mobilenet_artifact, tmp_path):
+@pytest.mark.parametrize("small_input", ["100000", "0"], ids=["in-process", "ray"])
+def test_every_input_gets_exactly_one_row_and_the_job_exits_0(
+    small_input, corpus, mobilenet_artifact, tmp_path
+):
     root, expected = corpus
     out = str(tmp_path / "labels")
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "jobs.label", "--model", mobilenet_artifact]
-        + ["--input", str(root), "--output", out, "--json"],
+        + ["--input", str(root), "--output", out, "--small-input", small_input, "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -191,3 +194,49 @@ def test_every_input_gets_exactly_one_row_and_the_job_exits_0(corpus, mobilenet_
     assert summary["labelled"] == len(expected) and sum(summary["errors"].values()) == bad
     assert os.path.exists(root / "fifo.jpg")  # still there, never touched
     shutil.rmtree(out)
+
+
+def label_rows_by_path(model: str, src: str, out: Path) -> dict[str, list[dict]]:
+    """The rows of ``src`` labelled in the job's process and through the Ray pipeline."""
+    rows = {}
+    for path, small_input in (("in-process", "100000"), ("ray", "0")):
+        args = ["--model", model, "--input", src, "--output", str(out / path)]
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs.label", *args, "--small-input", small_input],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[path] = sorted(read_rows(str(out / path)).to_pylist(), key=lambda r: r["uri"])
+    return rows
+
+
+def assert_same_rows(rows: dict[str, list[dict]]) -> None:
+    here, ray = rows["in-process"], rows["ray"]
+    assert [r["uri"] for r in here] == [r["uri"] for r in ray]
+    for a, b in zip(here, ray):
+        for column in ("label", "label_id", "topk_labels", "model", "error"):
+            assert a[column] == b[column], (a["uri"], column)
+        if a["error"] is None:
+            assert np.allclose(a["topk_scores"], b["topk_scores"], atol=1e-5), a["uri"]
+
+
+def test_both_paths_give_every_file_of_the_corpus_the_same_row(
+    corpus, mobilenet_artifact, tmp_path
+):
+    root, expected = corpus
+    rows = label_rows_by_path(mobilenet_artifact, str(root), tmp_path)
+    assert len(rows["ray"]) == len(expected)
+    assert_same_rows(rows)
+
+
+def test_both_paths_give_every_shard_row_the_same_row(mobilenet_artifact, tmp_path):
+    from clf.config import IngestConfig
+    from clf.dataset.ingest import ingest
+
+    ingest(IngestConfig(src=str(HYMENOPTERA / "val"), dst=str(tmp_path / "data"), shard_size=50))
+    rows = label_rows_by_path(mobilenet_artifact, str(tmp_path / "data" / "train"), tmp_path)
+    assert len(rows["ray"]) == 122 and all("#" in r["uri"] for r in rows["ray"])
+    assert_same_rows(rows)

@@ -25,10 +25,11 @@ from conftest import IMAGENET_SAMPLES, ROOT
 from clf.artifact.export import export_artifact
 from clf.config import IngestConfig
 from clf.dataset.ingest import ingest
+from clf.dataset.label_rows import TEMP_FILE
 from clf.images.preprocess import Preprocess
 from clf.label.inputs import list_inputs
 from clf.label.output import read_rows
-from clf.label.sink import LABEL_SCHEMA, TEMP_FILE, AtomicParquetSink
+from clf.label.sink import LABEL_SCHEMA, AtomicParquetSink
 from clf.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,15 @@ pytestmark = pytest.mark.slow
 ARCHIVE_SIZE = 300
 
 
-def label_command(model: str, src: str, out: str, *extra: str) -> list[str]:
+# Both ways a job labels: a few hundred inputs in its own process (the default for so few), and
+# the Ray pipeline, which bigger inputs take.
+PATHS = {"in-process": [], "ray": ["--small-input", "0"]}
+
+
+def label_command(model: str, src: str, out: str, path: str, *extra: str) -> list[str]:
     # Files of at least 8 rows (512 by default): the output arrives as a part file per decode
-    # output's 32 rows, about 10 of them, so a kill lands mid-way.
-    job = ["jobs.label", "--model", model, "--input", src, "--output", out]
+    # output's 32 rows (or per 8 rows in process), so a kill lands mid-way.
+    job = ["jobs.label", "--model", model, "--input", src, "--output", out, *PATHS[path]]
     small = ["--batch-size", "8", "--rows-per-file", "8"]
     return [sys.executable, "-m", *job, *small, "--json", *extra]
 
@@ -107,8 +113,9 @@ def archive(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_killed_at_a_random_point_then_rerun_labels_every_input_once(
-    archive, mobilenet_artifact, tmp_path
+    path, archive, mobilenet_artifact, tmp_path
 ):
     out = str(tmp_path / "labels")
     seed = random.randrange(1 << 30)
@@ -116,7 +123,7 @@ def test_killed_at_a_random_point_then_rerun_labels_every_input_once(
     commits_before_kill = rng.randint(1, 5)  # of about 10: a part holds a decode output's 32
     print(f"\nseed {seed}: kill after {commits_before_kill} committed part files")
 
-    job = start(label_command(mobilenet_artifact, archive, out))
+    job = start(label_command(mobilenet_artifact, archive, out, path))
     try:
         deadline = time.monotonic() + 300
         while len(parts(out)) < commits_before_kill:
@@ -131,7 +138,7 @@ def test_killed_at_a_random_point_then_rerun_labels_every_input_once(
     print(f"killed with {done} of {ARCHIVE_SIZE} rows committed; temp files {temp_files(out)}")
     assert 0 < done < ARCHIVE_SIZE
 
-    summary = finish(start(label_command(mobilenet_artifact, archive, out)))
+    summary = finish(start(label_command(mobilenet_artifact, archive, out, path)))
     assert summary["already_labelled"] == done
     assert summary["labelled"] == ARCHIVE_SIZE - done
     assert len(assert_exactly_once(archive, out)) == ARCHIVE_SIZE
@@ -185,8 +192,9 @@ def small_artifact(tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_killed_inside_an_output_commit_then_rerun_labels_every_shard_row_once(
-    shards, small_artifact, tmp_path
+    path, shards, small_artifact, tmp_path
 ):
     out = str(tmp_path / "labels")
     hook = tmp_path / "hook"
@@ -209,7 +217,7 @@ def test_killed_inside_an_output_commit_then_rerun_labels_every_shard_row_once(
         # of photos; these 20-image shards need a smaller bin to be read one at a time too.
         "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(1 << 20),
     }
-    killed = start(label_command(small_artifact, shards, out), env)
+    killed = start(label_command(small_artifact, shards, out, path), env)
     _, err = killed.communicate(timeout=600)
     reap_session(killed.pid)
     assert killed.returncode == -signal.SIGKILL, err[-3000:]
@@ -220,7 +228,7 @@ def test_killed_inside_an_output_commit_then_rerun_labels_every_shard_row_once(
     print(f"\nkilled inside a commit with {done} of {len(inputs.uris)} rows; left {left}")
     assert 0 < done < len(inputs.uris)
 
-    summary = finish(start(label_command(small_artifact, shards, out)))
+    summary = finish(start(label_command(small_artifact, shards, out, path)))
     assert summary["already_labelled"] == done
     assert summary["labelled"] == len(inputs.uris) - done
     assert_exactly_once(shards, out)
@@ -229,19 +237,20 @@ def test_killed_inside_an_output_commit_then_rerun_labels_every_shard_row_once(
     assert sorted(r["uri"] for r in kept if r["error"] == "seeded by the test") == sorted(seeded)
 
 
-def test_skip_existing_labels_only_the_new_files(small_artifact, tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_skip_existing_labels_only_the_new_files(path, small_artifact, tmp_path):
     src, out = tmp_path / "nightly", str(tmp_path / "labels")
     src.mkdir()
     names = sorted(os.listdir(IMAGENET_SAMPLES))
     for name in names[:40]:
         os.symlink(IMAGENET_SAMPLES / name, src / name)
-    first = finish(start(label_command(small_artifact, str(src), out)))
+    first = finish(start(label_command(small_artifact, str(src), out, path)))
     assert first["labelled"] == 40
 
     for i, name in enumerate(names[500:600]):  # tonight's uploads: real photos, new names
         (src / f"upload-{i:03d}.jpg").write_bytes((IMAGENET_SAMPLES / name).read_bytes())
     before = {Path(p).name for p in parts(out)}
-    second = finish(start(label_command(small_artifact, str(src), out, "--skip-existing")))
+    second = finish(start(label_command(small_artifact, str(src), out, path, "--skip-existing")))
 
     assert second["labelled"] == 100 and second["already_labelled"] == 40
     uris = assert_exactly_once(str(src), out)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from clf.artifact.export import export_artifact
 from clf.artifact.meta import read_meta
+from clf.dataset.label_rows import part_name
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
 from clf.inference.pixels import decode_batch, read_batch
@@ -25,7 +26,7 @@ from clf.inference.stage import (
 from clf.label.inputs import list_inputs
 from clf.label.output import CommitProgress
 from clf.label.predictor import Predictor
-from clf.label.sink import LABEL_SCHEMA, AtomicParquetSink, part_name
+from clf.label.sink import LABEL_SCHEMA, AtomicParquetSink
 from clf.models import create_model
 
 SPEC = Preprocess(input_size=32, resize=36)

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_in_process
 
-from clf.dataset.label_rows import label_table, new_run_id, record_run, run_files
+from clf.dataset.label_rows import label_table, new_run_id, part_name, record_run, run_files
 from clf.errors import UsageError
-from clf.label.sink import part_name
 from clf.monitor.drift import INSUFFICIENT, Thresholds, drift_report, population_stability
 from clf.monitor.review import pick, review_rows, uncertainty
 from clf.monitor.rows import LabelStats, read_stats

@@ -8,8 +8,12 @@ record of a night holds all of that night's rows.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import re
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,8 @@ LABEL_SCHEMA = pa.schema(
     ]
 )
 RUNS = "_runs"  # in a label output: one JSON record per finished run
+# What storage.write_bytes leaves behind when killed between its write and its rename.
+TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 
 def committed_files(output: str) -> list[str]:
@@ -51,6 +57,22 @@ def read_files(files: list[str], columns: list[str] | None = None) -> pa.Table:
 
 def read_rows(output: str, columns: list[str] | None = None) -> pa.Table:
     return read_files(committed_files(output), columns)
+
+
+def part_name(uris: Iterable[str]) -> str:
+    """Deterministic file name for the slice of inputs a file covers."""
+    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def commit_rows(output: str, table: pa.Table) -> str:
+    """``table`` as one file of ``output``, written whole and renamed into place (one PUT on
+    S3), so that a kill never leaves part of it; returns the file's name."""
+    sink = io.BytesIO()
+    pq.write_table(table.cast(LABEL_SCHEMA), sink)
+    name = part_name(table.column("uri").to_pylist())
+    storage.write_bytes(storage.join(output, name), sink.getvalue())
+    return name
 
 
 def new_run_id() -> str:

@@ -2,23 +2,29 @@
 
 Pipeline (Ray Data): list inputs on the driver -> read and decode in CPU tasks
 (``clf.inference``) -> predict in an actor pool that loads the artifact once per actor ->
-commit Parquet files (``sink``). Each output file is committed whole, named by a hash of the
-inputs it covers, so a job killed at any moment and re-run labels only what no committed file
-covers.
+commit Parquet files (``sink``). A few inputs (``--small-input``) skip Ray: the same decode,
+predictor and commit run in this process, sooner than Ray would start.
+
+Each output file is committed whole, named by a hash of the inputs it covers, so a job killed
+at any moment and re-run labels only what no committed file covers.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from clf import runtime, storage
 from clf.config import LabelConfig
-from clf.dataset.label_rows import new_run_id, read_rows, record_run
+from clf.dataset.label_rows import commit_rows, new_run_id, read_rows, record_run
+from clf.dataset.shards import read_images
 from clf.errors import ClfError, UsageError
 from clf.images.preprocess import Preprocess
 from clf.inference.parquet_rows import read_shard_rows
@@ -28,7 +34,6 @@ from clf.label.checks import JOB_FILE, label_job
 from clf.label.inputs import Inputs, list_inputs, shard_plan
 from clf.label.output import CommitProgress, covered_uris, remove_temp_files
 from clf.label.predictor import Predictor
-from clf.label.sink import AtomicParquetSink
 
 # Write tasks in flight at once, at most: each commits one file, and they wait on storage, not
 # a CPU. They ask for no CPU, so they run in the spare workers an embedded Ray keeps.
@@ -77,7 +82,11 @@ def label(
     )
     if todo:
         run_started = time.monotonic()
-        label_rows(cfg, meta, inputs, todo, progress)
+        if len(todo) <= cfg.small_input and cfg.device != "cuda" and cfg.decode != "gpu":
+            label_here(cfg, meta, inputs, todo, progress)
+        else:
+            runtime.init_ray(streaming=True)
+            label_rows(cfg, meta, inputs, todo, progress)
         summary.seconds = time.monotonic() - run_started
     summary = count_rows(cfg.output, inputs, todo, summary)
     summary.run = run_id
@@ -110,6 +119,8 @@ def label_rows(
 ) -> None:
     """The Ray Data pipeline over ``todo``, until every row is committed."""
     import ray
+
+    from clf.label.sink import AtomicParquetSink
 
     gpu = runtime.use_gpu(cfg.device)
     if cfg.decode == "gpu" and not gpu:
@@ -150,6 +161,26 @@ def label_rows(
             # No more writers than files of rows_per_file rows, which Ray Data would warn of.
             concurrency=max(1, min(WRITE_TASKS, len(todo) // cfg.rows_per_file)),
         )
+
+
+def label_here(
+    cfg: LabelConfig,
+    meta: dict[str, Any],
+    inputs: Inputs,
+    todo: list[str],
+    progress: Callable[[str], None],
+) -> None:
+    """A few inputs in this process, without Ray to start: the pipeline's decode task, its
+    predictor and its commit, called directly, one file of rows at a time."""
+    progress(f"[label] {len(todo)} images, in this process (at most --small-input)")
+    predictor = Predictor(cfg.model, cfg.top_k, False, cfg.max_pixels, os.cpu_count() or 1)
+    preprocess = Preprocess.from_meta(meta).to_meta()
+    for start in range(0, len(todo), cfg.rows_per_file):
+        batch = {"uri": np.array(todo[start : start + cfg.rows_per_file], dtype=object)}
+        if inputs.kind == "shards":  # shard rows carry their bytes, as read_shard_rows gives them
+            batch["image"] = np.array(read_images(list(batch["uri"])), dtype=object)
+        decoded = decode_batch(batch, preprocess, cfg.max_pixels, cfg.read_concurrency)
+        commit_rows(cfg.output, predictor(decoded))
 
 
 def count_rows(output: str, inputs: Inputs, todo: list[str], summary: LabelSummary) -> LabelSummary:

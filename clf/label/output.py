@@ -10,9 +10,8 @@ from collections.abc import Callable
 import pyarrow.parquet as pq
 
 from clf import storage
-from clf.dataset.label_rows import committed_files, read_rows
+from clf.dataset.label_rows import TEMP_FILE, committed_files, read_rows
 from clf.errors import ClfError
-from clf.label.sink import TEMP_FILE
 
 
 def remove_temp_files(output: str) -> None:

@@ -8,27 +8,11 @@ end of every labelling job.
 
 from __future__ import annotations
 
-import hashlib
-import io
-import re
-from collections.abc import Iterable
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from clf import storage
 from clf.config import LabelConfig
-from clf.dataset.label_rows import LABEL_SCHEMA
-
-# What storage.write_bytes leaves behind when killed between its write and its rename.
-TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{8}$")
-
-
-def part_name(uris: Iterable[str]) -> str:
-    """Deterministic file name for the slice of inputs a file covers."""
-    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:20]
-    return f"part-{digest}.parquet"
+from clf.dataset.label_rows import LABEL_SCHEMA, commit_rows
 
 
 class AtomicParquetSink(Datasink):
@@ -51,8 +35,4 @@ class AtomicParquetSink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables).cast(LABEL_SCHEMA)
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        name = part_name(table.column("uri").to_pylist())
-        storage.write_bytes(storage.join(self.output, name), sink.getvalue())
-        return [(name, table.num_rows)]
+        return [(commit_rows(self.output, table), table.num_rows)]
