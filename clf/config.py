@@ -210,7 +210,8 @@ class LabelConfig(PoolConfig):
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
     rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
-    # At most this many inputs are labelled in the job's own process, without Ray (0: never).
+    # Without a cluster to join, at most this many inputs are labelled in the job's own process,
+    # without starting Ray (0: never).
     small_input: int = 1000
 
     def validate(self) -> LabelConfig:

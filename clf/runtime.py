@@ -178,6 +178,13 @@ def quiet_ray_logs() -> None:
     context.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
 
 
+def joins_a_cluster() -> bool:
+    """Whether ``init_ray`` would join a Ray cluster (or one is joined) rather than start one."""
+    import ray
+
+    return ray.is_initialized() or _cluster_address() is not None
+
+
 def _cluster_address() -> str | None:
     """``RAY_ADDRESS``, else the cluster of the last ``ray start`` on this machine, else None.
 

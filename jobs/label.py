@@ -64,7 +64,8 @@ def build_parser():
         "--small-input",
         type=int,
         default=LabelConfig.small_input,
-        help="label at most this many inputs in this process, without starting Ray (0: never)",
+        help="with no Ray cluster to join, label at most this many inputs in this process, "
+        "without starting Ray (0: never)",
     )
     p.add_argument(
         "--progress-every",

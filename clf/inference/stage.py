@@ -21,6 +21,7 @@ MAX_FILES_PER_TASK = 256
 MAX_TASK_OUTPUT_BYTES = 16 << 20
 TASKS_PER_CPU = 4
 CPUS_PER_CPU_ACTOR = 4
+DECODE_TASK_RETRIES = 3  # a decode task whose worker died, or whose reads kept failing
 
 
 def pool_size(cfg: PoolConfig, gpu: bool) -> int:
@@ -112,4 +113,4 @@ def decode_then_infer(
 
 
 def _decode_task_args() -> dict:
-    return {"max_retries": 3}
+    return {"max_retries": DECODE_TASK_RETRIES}

@@ -2,8 +2,8 @@
 
 Pipeline (Ray Data): list inputs on the driver -> read and decode in CPU tasks
 (``clf.inference``) -> predict in an actor pool that loads the artifact once per actor ->
-commit Parquet files (``sink``). A few inputs (``--small-input``) skip Ray: the same decode,
-predictor and commit run in this process, sooner than Ray would start.
+commit Parquet files (``sink``). A few inputs (``--small-input``) with no cluster to join skip
+Ray: the same decode, predictor and commit run in this process, sooner than Ray would start.
 
 Each output file is committed whole, named by a hash of the inputs it covers, so a job killed
 at any moment and re-run labels only what no committed file covers.
@@ -29,7 +29,13 @@ from clf.errors import ClfError, UsageError
 from clf.images.preprocess import Preprocess
 from clf.inference.parquet_rows import read_shard_rows
 from clf.inference.pixels import decode_batch, read_batch
-from clf.inference.stage import cluster_cpus, decode_then_infer, files_per_task, pool_size
+from clf.inference.stage import (
+    DECODE_TASK_RETRIES,
+    cluster_cpus,
+    decode_then_infer,
+    files_per_task,
+    pool_size,
+)
 from clf.label.checks import JOB_FILE, label_job
 from clf.label.inputs import Inputs, list_inputs, shard_plan
 from clf.label.output import CommitProgress, covered_uris, remove_temp_files
@@ -82,7 +88,7 @@ def label(
     )
     if todo:
         run_started = time.monotonic()
-        if len(todo) <= cfg.small_input and cfg.device != "cuda" and cfg.decode != "gpu":
+        if _small(cfg, len(todo)):
             label_here(cfg, meta, inputs, todo, progress)
         else:
             runtime.init_ray(streaming=True)
@@ -163,6 +169,16 @@ def label_rows(
         )
 
 
+def _small(cfg: LabelConfig, count: int) -> bool:
+    """A few inputs, no GPU asked for, and no cluster to use: nothing worth starting Ray for."""
+    return (
+        count <= cfg.small_input
+        and cfg.device != "cuda"
+        and cfg.decode != "gpu"
+        and not runtime.joins_a_cluster()
+    )
+
+
 def label_here(
     cfg: LabelConfig,
     meta: dict[str, Any],
@@ -179,8 +195,19 @@ def label_here(
         batch = {"uri": np.array(todo[start : start + cfg.rows_per_file], dtype=object)}
         if inputs.kind == "shards":  # shard rows carry their bytes, as read_shard_rows gives them
             batch["image"] = np.array(read_images(list(batch["uri"])), dtype=object)
-        decoded = decode_batch(batch, preprocess, cfg.max_pixels, cfg.read_concurrency)
-        commit_rows(cfg.output, predictor(decoded))
+        commit_rows(cfg.output, predictor(_decode_with_retries(batch, preprocess, cfg)))
+
+
+def _decode_with_retries(batch: dict, preprocess: dict, cfg: LabelConfig) -> dict:
+    """A storage fault that outlived its own retries fails the batch, and the batch is tried
+    again, as Ray retries a decode task (``inference.stage.DECODE_TASK_RETRIES``)."""
+    for attempt in range(DECODE_TASK_RETRIES + 1):
+        try:
+            return decode_batch(batch, preprocess, cfg.max_pixels, cfg.read_concurrency)
+        except storage.TransientStorageError:
+            if attempt == DECODE_TASK_RETRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 def count_rows(output: str, inputs: Inputs, todo: list[str], summary: LabelSummary) -> LabelSummary:
