@@ -70,6 +70,13 @@ def add_actor_pool_flags(p: argparse.ArgumentParser, role: str, config: type) ->
         default=config.device,
         help=f"where {role}s run; auto: on GPUs if the cluster has or can start GPU nodes",
     )
+    p.add_argument(
+        "--small-input",
+        type=int,
+        default=config.small_input,
+        help="with no Ray cluster to join, run at most this many images in this process, "
+        "without starting Ray (0: never)",
+    )
 
 
 def add_read_concurrency_flag(p: argparse.ArgumentParser, config: type, per: str) -> None:

@@ -189,6 +189,9 @@ class PoolConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Images per decode batch of shard rows, and the fewest per decode task of listed files.
     decode_batch_size: int = 32
+    # Without a cluster to join, at most this many images are run in the job's own process,
+    # with no Ray to start (0: never). RESULTS.md measures where Ray starts to pay.
+    small_input: int = 1000
 
     def validate(self) -> PoolConfig:
         for key in ("model", "output"):
@@ -199,6 +202,8 @@ class PoolConfig:
         if self.actors is not None:
             _at_least_one("actors", self.actors)
         _gpu_share(self.gpus_per_actor)
+        if self.small_input < 0:
+            raise UsageError(f"--small-input must be 0 or more, got {self.small_input}")
         return self
 
 
@@ -210,9 +215,6 @@ class LabelConfig(PoolConfig):
     decode: Decode = "auto"  # auto: JPEGs decode on the predictor's GPU when it has one
     progress_every: float = 30.0  # seconds between progress lines
     rows_per_file: int = 512  # label rows per committed Parquet file (the last may hold fewer)
-    # Without a cluster to join, at most this many inputs are labelled in the job's own process,
-    # without starting Ray (0: never).
-    small_input: int = 1000
 
     def validate(self) -> LabelConfig:
         if not self.input:
@@ -220,8 +222,6 @@ class LabelConfig(PoolConfig):
         super().validate()
         _positive(self, "progress_every", "rows_per_file")
         _read_concurrency(self.read_concurrency)
-        if self.small_input < 0:
-            raise UsageError(f"--small-input must be 0 or more, got {self.small_input}")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from clf import cli, runtime
+from clf import cli
 from clf.config import EvaluateConfig
 from clf.evaluate.checks import check
 
@@ -62,8 +62,6 @@ def main() -> None:
     args = build_parser().parse_args()
     cfg = cli.config_from_args(EvaluateConfig, args)
     target = check(cfg)
-    if not target.is_baseline:  # the baseline runs in this process
-        runtime.init_ray(streaming=True)
     from clf.evaluate.job import evaluate
 
     summary = evaluate(cfg, target, progress=cli.progress(args.json))

@@ -61,13 +61,6 @@ def build_parser():
         "committed, which a re-run labels",
     )
     p.add_argument(
-        "--small-input",
-        type=int,
-        default=LabelConfig.small_input,
-        help="with no Ray cluster to join, label at most this many inputs in this process, "
-        "without starting Ray (0: never)",
-    )
-    p.add_argument(
         "--progress-every",
         type=cli.positive_seconds,
         default=LabelConfig.progress_every,

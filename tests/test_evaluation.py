@@ -26,6 +26,7 @@ from clf.evaluate.job import evaluate
 from clf.evaluate.scorer import Scorer
 from clf.images.preprocess import Preprocess
 from clf.inference.pixels import decode_batch
+from clf.models import create_model
 
 # Three classes, six images, supports 3 / 2 / 1. No confidence sits on a bin edge (k/15).
 LABELS = np.array([0, 0, 0, 1, 1, 2])
@@ -362,3 +363,33 @@ def test_pretrained_mobilenet_scores_the_imagenet_samples(tmp_path, mobilenet_ar
 def test_the_scorer_actor_starts_without_the_report_libraries():
     """Its process loads the artifact only; plots and metrics run on the driver."""
     assert imported_by("clf.evaluate.scorer", {"matplotlib", "sklearn", "torchvision"}) == []
+
+
+@pytest.mark.slow
+def test_both_paths_score_a_split_alike(cifar_small, tmp_path):
+    """400 test images scored in the job's process (the default for so few) and through the
+    Ray pipeline: the same images, the same metrics."""
+    torch.manual_seed(0)
+    art = str(tmp_path / "art")
+    classes = json.loads(open(f"{cifar_small}/classes.json").read())
+    export_artifact(
+        create_model("small_cnn", len(classes)).eval(),
+        art,
+        arch="small_cnn",
+        classes=classes,
+        preprocess=Preprocess(input_size=32, resize=32),
+        formats=("onnx",),
+    )
+    reports = {}
+    for path, small_input in (("in-process", "1000"), ("ray", "0")):
+        args = ["--model", art, "--data", f"{cifar_small}/test"]
+        args += ["--output", str(tmp_path / path), "--small-input", small_input, "--json"]
+        job_json(run_job("jobs.evaluate", *args))
+        reports[path] = json.loads((tmp_path / path / "report.json").read_text())
+    here, ray = reports["in-process"]["metrics"], reports["ray"]["metrics"]
+    assert here["images"] == ray["images"] == 400
+    for name, value in here.items():
+        if isinstance(value, float):
+            assert value == pytest.approx(ray[name], abs=1e-5), name
+        else:
+            assert value == ray[name], name

@@ -3,28 +3,31 @@
 Pipeline (Ray Data), as in jobs.label (``clf.inference``): read the shards -> decode in CPU
 tasks -> score in an actor pool (``scorer``) that loads the artifact once per actor -> collect
 probabilities on the driver (a test split is at most ~100k rows) -> metrics and report files
-(``metrics``, ``report``).
+(``metrics``, ``report``). A few images (``--small-input``) with no cluster to join go through
+the same decode task and scorer in this process, with no Ray to start.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from clf import runtime, storage
-from clf.artifact.torch_model import load_torch
 from clf.config import EvaluateConfig
-from clf.evaluate import baseline, diagnostics, metrics, report
+from clf.dataset.shards import read_shard
+from clf.evaluate import metrics, report
 from clf.evaluate.checks import Target
 from clf.evaluate.scorer import Scorer
+from clf.images.preprocess import Preprocess
 from clf.inference.parquet_rows import read_shard_rows
 from clf.inference.pixels import decode_batch
-from clf.inference.stage import decode_then_infer, pool_size
+from clf.inference.stage import decode_then_infer, pool_size, runs_in_process
 
 
 @dataclass
@@ -113,6 +116,8 @@ def evaluate(
 
 
 def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
+    from clf.evaluate import baseline
+
     if cfg.fits_baseline:
         model = baseline.fit_on_shards(cfg.train, target.classes, cfg.baseline_size, progress)
     else:
@@ -133,6 +138,10 @@ def _score_baseline(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 
 
 def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str], None]) -> Scores:
+    if runs_in_process(cfg, target.images):
+        progress(f"[evaluate] {target.images} images, in this process (at most --small-input)")
+        return _collect(_scored_here(cfg, target), target, progress)
+    runtime.init_ray(streaming=True)
     gpu = runtime.use_gpu(cfg.device)
     actors = pool_size(cfg, gpu)
     ds = read_shard_rows(target.shards, cfg.decode_batch_size, columns=("key", "image", "label"))
@@ -150,9 +159,34 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
     progress(
         f"[evaluate] {target.images} images -> {actors} scorer actor(s) on {'GPU' if gpu else 'CPU'}"
     )
+    return _collect(ds.iter_batches(batch_size=None, batch_format="numpy"), target, progress)
+
+
+def _scored_here(cfg: EvaluateConfig, target: Target) -> Iterator[dict[str, np.ndarray]]:
+    """The pipeline's batches, made in this process: the same decode task and scorer."""
+    scorer = Scorer(cfg.model, False, cfg.max_pixels, os.cpu_count() or 1)
+    preprocess = Preprocess.from_meta(target.meta).to_meta()
+    for shard in target.shards:
+        rows = read_shard(shard, ["key", "image", "label"])
+        for start in range(0, rows.num_rows, cfg.decode_batch_size):
+            part = rows.slice(start, cfg.decode_batch_size)
+            keys = part.column("key").to_pylist()
+            batch = {
+                "key": np.array(keys, dtype=object),
+                "image": np.array(part.column("image").to_pylist(), dtype=object),
+                "label": part.column("label").to_numpy(),
+                "uri": np.array([f"{shard}#{key}" for key in keys], dtype=object),
+            }
+            yield scorer(decode_batch(batch, preprocess, cfg.max_pixels))
+
+
+def _collect(
+    batches: Iterable[dict[str, np.ndarray]], target: Target, progress: Callable[[str], None]
+) -> Scores:
+    """The scored batches' labels, probabilities and failures, with progress lines."""
     labels, probs, refs, errors = [], [], [], Counter()
     done, next_report, started = 0, max(1, target.images // 10), time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         errors.update(e for e in batch["error"] if e)
         labels.append(batch["label"][ok].astype(np.int64))
@@ -181,6 +215,9 @@ def _score_artifact(cfg: EvaluateConfig, target: Target, progress: Callable[[str
 def _write_diagnostics(
     cfg: EvaluateConfig, target: Target, scores: Scores, progress: Callable[[str], None]
 ) -> list[str]:
+    from clf.artifact.torch_model import load_torch  # torch, for the pictures only
+    from clf.evaluate import diagnostics
+
     written = []
     if not target.is_baseline:
         png = diagnostics.filters_png(load_torch(cfg.model).module)

@@ -24,6 +24,12 @@ CPUS_PER_CPU_ACTOR = 4
 DECODE_TASK_RETRIES = 3  # a decode task whose worker died, or whose reads kept failing
 
 
+def runs_in_process(cfg: PoolConfig, images: int) -> bool:
+    """A few images, no GPU asked for, and no cluster to use: nothing worth starting Ray for,
+    so the job runs the stage's decode task and model actor itself."""
+    return images <= cfg.small_input and cfg.device != "cuda" and not runtime.joins_a_cluster()
+
+
 def pool_size(cfg: PoolConfig, gpu: bool) -> int:
     if cfg.actors:
         return cfg.actors

@@ -35,6 +35,7 @@ from clf.inference.stage import (
     decode_then_infer,
     files_per_task,
     pool_size,
+    runs_in_process,
 )
 from clf.label.checks import JOB_FILE, label_job
 from clf.label.inputs import Inputs, list_inputs, shard_plan
@@ -88,7 +89,7 @@ def label(
     )
     if todo:
         run_started = time.monotonic()
-        if _small(cfg, len(todo)):
+        if cfg.decode != "gpu" and runs_in_process(cfg, len(todo)):
             label_here(cfg, meta, inputs, todo, progress)
         else:
             runtime.init_ray(streaming=True)
@@ -167,16 +168,6 @@ def label_rows(
             # No more writers than files of rows_per_file rows, which Ray Data would warn of.
             concurrency=max(1, min(WRITE_TASKS, len(todo) // cfg.rows_per_file)),
         )
-
-
-def _small(cfg: LabelConfig, count: int) -> bool:
-    """A few inputs, no GPU asked for, and no cluster to use: nothing worth starting Ray for."""
-    return (
-        count <= cfg.small_input
-        and cfg.device != "cuda"
-        and cfg.decode != "gpu"
-        and not runtime.joins_a_cluster()
-    )
 
 
 def label_here(
