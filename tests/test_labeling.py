@@ -1,5 +1,6 @@
 """Label stages without a cluster: decode never raises, rows follow the label row schema."""
 
+import os
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from clf.artifact.export import export_artifact
 from clf.artifact.meta import read_meta
+from clf.config import LabelConfig
 from clf.dataset.label_rows import part_name
 from clf.images.nvjpeg import decode_on_device
 from clf.images.preprocess import Preprocess
@@ -363,3 +365,35 @@ def test_progress_counts_the_rows_this_run_commits_and_not_an_earlier_runs(tmp_p
             assert time.monotonic() < deadline, lines
             time.sleep(0.05)
     assert all(line.startswith(("[label] 0/10 ", "[label] 3/10 ")) for line in lines), lines
+
+
+def test_the_ray_start_address_is_looked_for_where_ray_itself_writes_it(monkeypatch, tmp_path):
+    from ray._common.utils import get_ray_address_file
+
+    from clf import runtime
+
+    for env in ({}, {"TMPDIR": str(tmp_path)}, {"RAY_TMPDIR": str(tmp_path / "ray-tmp")}):
+        for name in ("TMPDIR", "RAY_TMPDIR"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert runtime.ray_start_address_file() == get_ray_address_file(None), env
+
+
+def test_a_small_input_runs_in_process_only_with_no_cluster_to_join(monkeypatch, tmp_path):
+    from clf import runtime
+    from clf.inference.stage import runs_in_process
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no `ray start` here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = LabelConfig(small_input=10)
+    assert runs_in_process(cfg, 10) and not runs_in_process(cfg, 11)
+    assert not runs_in_process(LabelConfig(small_input=10, device="cuda"), 1)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert not runs_in_process(cfg, 1)
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for "start one here"
+    assert runs_in_process(cfg, 1)
+    monkeypatch.delenv("RAY_ADDRESS")
+    os.makedirs(os.path.dirname(runtime.ray_start_address_file()))
+    open(runtime.ray_start_address_file(), "w").write("127.0.0.1:6379")  # after `ray start`
+    assert not runs_in_process(cfg, 1)

@@ -1,0 +1,179 @@
+"""Start-up: what every job costs before and after its work, from six photos to a thousand.
+
+In one run, each job in a fresh process as users start it, with the pretrained MobileNetV2 as
+an ONNX artifact (the CPU format):
+
+  jobs.predict   6 photos (the demo's, from scikit-image and scikit-learn)
+  jobs.label     6 photos and 1,000 ImageNet-sample JPEGs: by default (no cluster to join, so
+                 at most --small-input images run in the job's process) and through the Ray
+                 pipeline (--small-input 0)
+  jobs.evaluate  6 and 1,000 ImageNet samples as shards, both ways
+  jobs.train     1 epoch of hymenoptera, against Ray's documented TorchTrainer pattern for the
+                 same epoch (benchmarks.train_throughput's ray-dl)
+
+A job's parts: its summary's listing and work seconds; the rest of its wall time is imports,
+Ray's start and stop and the model's load. Training's fixed cost is its wall time outside the
+epochs' training seconds. The cheap runs repeat (--repeats) and report their median.
+
+    python -m benchmarks.startup [--repeats 3] [--no-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks._jobs import ROOT, SHARED, mobilenet_weights, scratch_dir
+from benchmarks.label_throughput import corpus
+
+SAMPLES = SHARED / "imagenet-samples"
+
+
+def run(*args: str) -> tuple[float, dict]:
+    """(wall seconds, summary) of ``python -m ARGS --json``."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", *args, "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "local"},  # an embedded Ray, as on a laptop
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{args[0]} failed with exit code {done.returncode}")
+    return wall, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_run(repeats: int, make_output, *args: str) -> tuple[float, dict]:
+    """The median wall time of ``repeats`` runs, each into a fresh output."""
+    runs = []
+    for _ in range(repeats):
+        output = make_output()
+        runs.append(run(*args, *(["--output", output] if output else [])))
+    runs.sort(key=lambda r: r[0])
+    return runs[len(runs) // 2]
+
+
+def photos(folder: str) -> list[str]:
+    from examples.demo import write_photos
+
+    write_photos(folder)
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder))
+
+
+def sample_shards(work: str, classes: list[str], count: int) -> str:
+    """``count`` ImageNet samples ingested as a test split whose classes match the model's:
+    by name for a few, by position for all 1,000 (one image per class)."""
+    from clf.config import IngestConfig
+    from clf.dataset.ingest import ingest
+
+    names = sorted(os.listdir(SAMPLES))
+    src = os.path.join(work, f"samples-{count}")
+    for i, name in enumerate(names[:: len(names) // count][:count]):
+        label = classes[names.index(name)] if count < len(names) else name.split("_", 1)[0]
+        os.makedirs(os.path.join(src, label.replace("/", " ")), exist_ok=True)
+        os.link(SAMPLES / name, os.path.join(src, label.replace("/", " "), name))
+    dst = os.path.join(work, f"data-{count}")
+    ingest(IngestConfig(src=src, dst=dst, val_fraction=0, test_fraction=0.9))
+    return os.path.join(dst, "test")
+
+
+def train_rows(work: str) -> list[tuple[str, float, float]]:
+    """(method, wall, fixed) for jobs.train and the Ray docs pattern, one epoch each."""
+    from benchmarks.train_throughput import DATA, measure
+    from clf.config import IngestConfig
+    from clf.dataset.ingest import ingest
+
+    shards = os.path.join(work, "hymenoptera")
+    ingest(IngestConfig(src=str(DATA), dst=shards))
+    run_dir = os.path.join(work, "run")
+    train = ["jobs.train", "--data", shards, "--output", run_dir, "--model", "mobilenet_v2"]
+    train += ["--pretrained", mobilenet_weights(), "--epochs", "1", "--batch-size", "16"]
+    wall, _ = run(*train, "--workers", "2")
+    epochs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    ours = wall - sum(e["train_seconds"] for e in epochs)
+    args = argparse.Namespace(data=str(DATA), epochs=1, batch=32)
+    docs = measure("ray-dl", args, {**os.environ, "RAY_ADDRESS": "local"})
+    return [
+        ("jobs.train", wall, ours),
+        ("Ray docs TorchTrainer", docs["wall_seconds"], docs["fixed_seconds"]),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-train", action="store_true", help="skip the two training runs")
+    args = p.parse_args()
+    work = scratch_dir("clf-startup-")
+    art = os.path.join(work, "art")
+    run("jobs.export", "--model", "mobilenet_v2", "--pretrained", mobilenet_weights(),
+        "--classes", "imagenet", "--format", "onnx", "--output", art)  # fmt: skip
+    classes = json.load(open(os.path.join(art, "meta.json")))["classes"]
+    six = photos(os.path.join(work, "photos"))
+    thousand = os.path.dirname(corpus(os.path.join(work, "jpegs"), 1000)[0])
+    shards = {6: sample_shards(work, classes, 6), 1000: sample_shards(work, classes, 1000)}
+    outputs = iter(range(10**6))
+
+    def fresh() -> str:
+        return os.path.join(work, f"out-{next(outputs)}")
+
+    print(f"start-up: {os.cpu_count()} CPUs, ONNX MobileNetV2, {time.strftime('%Y-%m-%d')}")
+    print("| job | images | path | wall s | listing s | work s | the rest s |")
+    print("|---|---|---|---|---|---|---|")
+    walls = {}
+    wall, _ = median_run(args.repeats, lambda: None, "jobs.predict", "--model", art, *six)
+    walls["predict", 6] = wall
+    print(f"| jobs.predict | 6 | in process | {wall:.1f} | | | |")
+    for images, folder in ((6, os.path.dirname(six[0])), (1000, thousand)):
+        for path, flag in (("default", []), ("Ray", ["--small-input", "0"])):
+            repeats = args.repeats if images == 6 else 1
+            wall, s = median_run(
+                repeats, fresh, "jobs.label", "--model", art, "--input", folder, *flag
+            )
+            walls["label", images, path] = wall
+            rest = wall - s["listing_seconds"] - s["seconds"]
+            print(
+                f"| jobs.label | {images} | {path} | {wall:.1f} | {s['listing_seconds']:.1f} "
+                f"| {s['seconds']:.1f} | {rest:.1f} |"
+            )
+    for images, split in shards.items():
+        for path, flag in (("default", []), ("Ray", ["--small-input", "0"])):
+            repeats = args.repeats if images == 6 else 1
+            wall, s = median_run(
+                repeats, fresh, "jobs.evaluate", "--model", art, "--data", split, *flag
+            )
+            walls["evaluate", images, path] = wall
+            print(
+                f"| jobs.evaluate | {images} | {path} | {wall:.1f} | | {s['seconds']:.1f} "
+                f"| {wall - s['seconds']:.1f} |"
+            )
+    print(
+        f"jobs.label / jobs.predict on 6 photos: {walls['label', 6, 'default'] / walls['predict', 6]:.2f}x "
+        f"(the Ray path: {walls['label', 6, 'Ray'] / walls['predict', 6]:.2f}x)"
+    )
+    for job in ("label", "evaluate"):
+        for images in (6, 1000):
+            ratio = walls[job, images, "Ray"] / walls[job, images, "default"]
+            print(
+                f"jobs.{job} on {images}: the Ray path takes {ratio:.2f}x the default's wall time"
+            )
+    if args.no_train:
+        return
+    rows = train_rows(work)
+    print("| training, 1 epoch of hymenoptera | wall s | outside the epoch s |")
+    print("|---|---|---|")
+    for name, wall, fixed in rows:
+        print(f"| {name} | {wall:.1f} | {fixed:.1f} |")
+    print(f"jobs.train / Ray docs pattern, time outside the epoch: {rows[0][2] / rows[1][2]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
