@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -76,7 +75,7 @@ def sample_shards(work: str, classes: list[str], count: int) -> str:
 
     names = sorted(os.listdir(SAMPLES))
     src = os.path.join(work, f"samples-{count}")
-    for i, name in enumerate(names[:: len(names) // count][:count]):
+    for name in names[:: len(names) // count][:count]:
         label = classes[names.index(name)] if count < len(names) else name.split("_", 1)[0]
         os.makedirs(os.path.join(src, label.replace("/", " ")), exist_ok=True)
         os.link(SAMPLES / name, os.path.join(src, label.replace("/", " "), name))

@@ -182,11 +182,12 @@ def label_here(
     progress(f"[label] {len(todo)} images, in this process (at most --small-input)")
     predictor = Predictor(cfg.model, cfg.top_k, False, cfg.max_pixels, os.cpu_count() or 1)
     preprocess = Preprocess.from_meta(meta).to_meta()
-    for start in range(0, len(todo), cfg.rows_per_file):
-        batch = {"uri": np.array(todo[start : start + cfg.rows_per_file], dtype=object)}
-        if inputs.kind == "shards":  # shard rows carry their bytes, as read_shard_rows gives them
-            batch["image"] = np.array(read_images(list(batch["uri"])), dtype=object)
-        commit_rows(cfg.output, predictor(_decode_with_retries(batch, preprocess, cfg)))
+    with CommitProgress(cfg.output, len(todo), cfg.progress_every, progress):
+        for start in range(0, len(todo), cfg.rows_per_file):
+            batch = {"uri": np.array(todo[start : start + cfg.rows_per_file], dtype=object)}
+            if inputs.kind == "shards":  # shard rows carry their bytes, as Ray's reader gives
+                batch["image"] = np.array(read_images(list(batch["uri"])), dtype=object)
+            commit_rows(cfg.output, predictor(_decode_with_retries(batch, preprocess, cfg)))
 
 
 def _decode_with_retries(batch: dict, preprocess: dict, cfg: LabelConfig) -> dict:
