@@ -28,8 +28,8 @@ class CommitProgress:
     """Progress lines while the pipeline runs: how many of ``total`` rows this run has committed.
 
     The sink commits in Ray workers (or, for a small input, this process's loop), so the
-    driver learns of a file from storage: every
-    ``every`` seconds it lists the output and reads the row count from each new file's footer.
+    driver learns of a file from storage: every ``every`` seconds it lists the output and reads
+    the row count from each new file's footer.
     """
 
     def __init__(self, output: str, total: int, every: float, progress: Callable[[str], None]):
