@@ -193,13 +193,12 @@ def label_here(
 def _decode_with_retries(batch: dict, preprocess: dict, cfg: LabelConfig) -> dict:
     """A storage fault that outlived its own retries fails the batch, and the batch is tried
     again, as Ray retries a decode task (``inference.stage.DECODE_TASK_RETRIES``)."""
-    for attempt in range(DECODE_TASK_RETRIES + 1):
+    for _ in range(DECODE_TASK_RETRIES):
         try:
             return decode_batch(batch, preprocess, cfg.max_pixels, cfg.read_concurrency)
         except storage.TransientStorageError:
-            if attempt == DECODE_TASK_RETRIES:
-                raise
-    raise AssertionError("unreachable")
+            continue
+    return decode_batch(batch, preprocess, cfg.max_pixels, cfg.read_concurrency)  # or raise
 
 
 def count_rows(output: str, inputs: Inputs, todo: list[str], summary: LabelSummary) -> LabelSummary:
