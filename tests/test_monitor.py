@@ -16,7 +16,7 @@ from clf.dataset.label_rows import label_table, new_run_id, part_name, record_ru
 from clf.errors import UsageError
 from clf.monitor.drift import INSUFFICIENT, Thresholds, drift_report, population_stability
 from clf.monitor.review import pick, review_rows, uncertainty
-from clf.monitor.rows import LabelStats, read_stats
+from clf.monitor.rows import LabelStats, label_stats, read_columns
 
 CLASSES = np.array([f"class{i}" for i in range(10)], dtype=object)
 
@@ -87,7 +87,7 @@ def test_outputs_from_before_run_records_are_one_run(tmp_path):
 
 def test_stats_read_error_rows_apart_and_fold_their_details(tmp_path):
     path = write_rows(str(tmp_path), np.random.default_rng(0), 50, errors=5)
-    found = read_stats([path])
+    found = label_stats(read_columns([path]))
     assert found.rows == 50 and found.labelled == 45 and sum(found.classes.values()) == 45
     assert found.errors == {"image too large": 5}
     assert found.topk.shape == (45, 5) and np.all(np.diff(found.topk, axis=1) <= 0)
@@ -183,7 +183,7 @@ def test_stratified_picks_let_classes_take_turns():
 def test_the_review_queue_holds_whole_rows_most_uncertain_first_each_once(tmp_path):
     rng = np.random.default_rng(0)
     files = [write_rows(str(tmp_path), rng, 300, errors=3, prefix=p) for p in "abc"]
-    queue = review_rows(files, "least-confidence", 40, stratify=False)
+    queue = review_rows(read_columns(files), "least-confidence", 40, stratify=False)
     rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
     labelled = sorted((r for r in rows if r["error"] is None), key=lambda r: r["confidence"])
     assert queue.column_names == [*rows[0], "score", "strategy"]

@@ -43,6 +43,18 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(probs, indices, axis=1), indices
 
 
+def top_k_of_rows(
+    ok: np.ndarray, probs: np.ndarray | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k`` of the ``ok`` rows' ``probs``, as (scores, indices) over every row; the rows
+    that failed hold zeros."""
+    scores = np.zeros((len(ok), k), dtype=np.float32)
+    indices = np.zeros((len(ok), k), dtype=np.int64)
+    if probs is not None and ok.any():
+        scores[ok], indices[ok] = top_k(probs, k)
+    return scores, indices
+
+
 def load_classifier(
     uri: str, prefer_gpu: bool, threads: int | None = None, format: str | None = None
 ) -> Classifier:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clf import storage
-from clf.artifact.classifier import load_classifier, top_k
+from clf.artifact.classifier import load_classifier, top_k_of_rows
 from clf.artifact.meta import read_meta
 from clf.artifact.sample import sample_files
 from clf.dataset.label_rows import label_table
@@ -31,10 +31,7 @@ def record_reference(artifact: str, images: str, limit: int = REFERENCE_IMAGES) 
     model = load_classifier(artifact, prefer_gpu=False)
     predictions = predict_encoded(model, [f.data for f in found])
     k = min(REFERENCE_TOP_K, len(model.classes))
-    scores = np.zeros((len(found), k), dtype=np.float32)
-    indices = np.zeros((len(found), k), dtype=np.int64)
-    if predictions.probs is not None:
-        scores[predictions.ok], indices[predictions.ok] = top_k(predictions.probs, k)
+    scores, indices = top_k_of_rows(predictions.ok, predictions.probs, k)
     rows = label_table(
         [f.uri for f in found],
         predictions.ok,

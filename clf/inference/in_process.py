@@ -11,6 +11,7 @@ import numpy as np
 from clf import storage
 from clf.artifact import classifier
 from clf.config import DEFAULT_MAX_PIXELS
+from clf.dataset.shards import read_images
 from clf.images.decode import DecodeError
 from clf.images.preprocess import eval_pixels
 from clf.inference.actor import Predictions
@@ -40,23 +41,12 @@ def predict_encoded(
     return Predictions(ok, np.concatenate(parts) if parts else None, errors)
 
 
-def read_all(uris: list[str]) -> list[bytes | Exception]:
-    """Each file's bytes, or the ``StorageError`` that reading it raised."""
-    results: list[bytes | Exception] = []
-    for read in storage.read_many(uris):
-        try:
-            results.append(read.result())
-        except storage.StorageError as e:
-            results.append(e)
-    return results
-
-
 def predict(
     model_uri: str, images: list[str], top_k: int = 5, format: str | None = None
 ) -> dict[str, Any]:
     """``{"model", "format", "results": [{"image", "error", "top": [{"label", "probability"}]}]}``."""
     model = classifier.load_classifier(model_uri, prefer_gpu=False, format=format)
-    found = predict_encoded(model, read_all(images))
+    found = predict_encoded(model, read_images(images))
     results: list[dict[str, Any]] = [
         {"image": uri, "error": error or None, "top": []}
         for uri, error in zip(images, found.errors)

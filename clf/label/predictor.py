@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from clf.artifact.classifier import top_k
+from clf.artifact.classifier import top_k_of_rows
 from clf.config import DEFAULT_MAX_PIXELS
 from clf.dataset.label_rows import label_table
 from clf.inference.actor import Batch, ModelActor, Predictions
@@ -30,10 +30,7 @@ class Predictor(ModelActor):
 
     def rows(self, batch: Batch, predictions: Predictions) -> pa.Table:
         ok = predictions.ok
-        scores = np.zeros((len(ok), self.top_k), dtype=np.float32)
-        indices = np.zeros((len(ok), self.top_k), dtype=np.int64)
-        if ok.any():
-            scores[ok], indices[ok] = top_k(predictions.probs, self.top_k)
+        scores, indices = top_k_of_rows(ok, predictions.probs, self.top_k)
         return label_table(
             batch["uri"], ok, scores, indices, predictions.errors, self.classes, self.model_id
         )

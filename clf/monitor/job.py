@@ -13,7 +13,7 @@ from clf.config import MonitorConfig
 from clf.monitor.checks import Sources
 from clf.monitor.drift import Thresholds, drift_report
 from clf.monitor.review import review_rows, write_review
-from clf.monitor.rows import read_stats
+from clf.monitor.rows import label_stats, read_columns
 
 DRIFT_EXIT_CODE = 3  # what a nightly scheduler alerts on; 0 when nothing drifts
 
@@ -23,8 +23,9 @@ def monitor(
 ) -> dict[str, Any]:
     """Write the drift report (and the review queue); returns its summary."""
     started = time.monotonic()
-    run = read_stats(sources.run_files)
-    reference = read_stats(sources.reference_files)
+    columns = read_columns(sources.run_files)
+    run = label_stats(columns)
+    reference = label_stats(read_columns(sources.reference_files))
     progress(
         f"[monitor] run {sources.run['run']}: {run.rows} rows; reference: {reference.rows} rows "
         f"({sources.reference['source']})"
@@ -54,7 +55,7 @@ def monitor(
     storage.write_bytes(storage.join(cfg.output, "drift.png"), figure)
     summary["files"] = [storage.join(cfg.output, name) for name in ("drift.json", "drift.png")]
     if cfg.review:
-        queue = review_rows(sources.run_files, cfg.strategy, cfg.review, cfg.stratify)
+        queue = review_rows(columns, cfg.strategy, cfg.review, cfg.stratify)
         summary["review"] = {"rows": queue.num_rows, "strategy": cfg.strategy}
         summary["files"] += write_review(queue, cfg.output)
     summary["seconds"] = time.monotonic() - started

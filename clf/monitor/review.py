@@ -16,7 +16,7 @@ from clf import plots, storage
 from clf.dataset.label_rows import read_files
 from clf.dataset.shards import read_images
 from clf.images.decode import thumbnail
-from clf.monitor.rows import LabelStats, top_scores
+from clf.monitor.rows import RunColumns, top_k_entropy, top_scores
 
 SHEET_IMAGES = 60  # the contact sheet shows the queue's first rows, up to this many
 SHEET_COLUMNS = 5
@@ -39,25 +39,18 @@ def uncertainty(strategy: str, topk: np.ndarray) -> np.ndarray:
     if strategy == "margin":
         second = topk[:, 1] if topk.shape[1] > 1 else 1.0 - topk[:, 0]
         return 1.0 - (topk[:, 0] - second)
-    return LabelStats(len(topk), {}, topk, {}).entropy(topk.shape[1])
+    return top_k_entropy(topk, topk.shape[1])
 
 
-def candidates(files: list[str], strategy: str) -> Candidates:
-    """Scored one file at a time: only the scores and positions of a big run stay in memory."""
-    parts, labels = [], []
-    for i, uri in enumerate(files):
-        table = read_files([uri], ["label", "topk_scores", "error"])
-        rows = np.flatnonzero(table.column("error").is_null().to_numpy(zero_copy_only=False))
-        table = table.take(rows)
-        labels += table.column("label").chunks
-        scores = uncertainty(strategy, top_scores(table.column("topk_scores")))
-        parts.append((np.full(len(rows), i), rows, scores))
-    if not parts:
-        return Candidates(*(np.zeros(0, dtype=np.int64) for _ in range(3)), np.zeros(0))
-    names = pa.chunked_array(labels, pa.string())
+def candidates(run: RunColumns, strategy: str) -> Candidates:
+    """Every labelled row of the run, scored, with the file and row it sits in."""
+    labelled = np.flatnonzero(run.table.column("error").is_null().to_numpy(zero_copy_only=False))
+    table = run.table.take(labelled)
+    names = table.column("label")
     codes = pc.index_in(names, value_set=pc.unique(names)).to_numpy()
-    file, row, score = (np.concatenate(column) for column in zip(*parts))
-    return Candidates(file, row, codes, score)
+    file = np.searchsorted(run.starts, labelled, side="right") - 1
+    scores = uncertainty(strategy, top_scores(table.column("topk_scores")))
+    return Candidates(file, labelled - run.starts[file], codes, scores)
 
 
 def pick(scores: np.ndarray, labels: np.ndarray, n: int, stratify: bool) -> np.ndarray:
@@ -75,9 +68,10 @@ def pick(scores: np.ndarray, labels: np.ndarray, n: int, stratify: bool) -> np.n
     return np.lexsort((-scores, turns))[:n]
 
 
-def review_rows(files: list[str], strategy: str, n: int, stratify: bool) -> pa.Table:
+def review_rows(run: RunColumns, strategy: str, n: int, stratify: bool) -> pa.Table:
     """The queue: whole label rows, plus ``score`` and ``strategy``, most worth a look first."""
-    found = candidates(files, strategy)
+    files = run.files
+    found = candidates(run, strategy)
     chosen = pick(found.score, found.label, n, stratify)
     table, places = read_files([]), []
     for i in np.unique(found.file[chosen]):  # each file read once, for its chosen rows alone

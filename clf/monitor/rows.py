@@ -31,15 +31,28 @@ class LabelStats:
         return self.topk[:, 0]
 
     def entropy(self, k: int) -> np.ndarray:
-        """Entropy (nats) of each row's top ``k`` scores and the rest of the mass as one more
-        outcome: the full distribution is not in the rows, and this bound moves with it."""
-        top = self.topk[:, :k].astype(np.float64)
-        rest = np.clip(1.0 - top.sum(axis=1, keepdims=True), 0.0, None)
-        return entropy(np.hstack([top, rest]), axis=1)
+        return top_k_entropy(self.topk, k)
 
 
-def read_stats(files: list[str]) -> LabelStats:
-    table = read_files(files, COLUMNS)
+@dataclass
+class RunColumns:
+    """``COLUMNS`` of every row of ``files``, one table in file order, and where each file's
+    rows start in it: read once for the drift statistics and the review queue both."""
+
+    files: list[str]
+    table: pa.Table
+    starts: np.ndarray
+
+
+def read_columns(files: list[str]) -> RunColumns:
+    tables = [read_files([uri], COLUMNS) for uri in files]
+    starts = np.cumsum([0] + [t.num_rows for t in tables[:-1]]) if tables else np.zeros(0, int)
+    table = pa.concat_tables(tables) if tables else read_files([], COLUMNS)
+    return RunColumns(files, table, starts)
+
+
+def label_stats(run: RunColumns) -> LabelStats:
+    table = run.table
     failed = table.column("error").is_valid()
     labelled = table.filter(pc.invert(failed))
     return LabelStats(
@@ -48,6 +61,14 @@ def read_stats(files: list[str]) -> LabelStats:
         topk=top_scores(labelled.column("topk_scores")),
         errors=_reasons(value_counts(table.filter(failed).column("error"))),
     )
+
+
+def top_k_entropy(topk: np.ndarray, k: int) -> np.ndarray:
+    """Entropy (nats) of each row's top ``k`` scores and the rest of the mass as one more
+    outcome: the full distribution is not in the rows, and this bound moves with it."""
+    top = topk[:, :k].astype(np.float64)
+    rest = np.clip(1.0 - top.sum(axis=1, keepdims=True), 0.0, None)
+    return entropy(np.hstack([top, rest]), axis=1)
 
 
 def top_scores(column: pa.ChunkedArray) -> np.ndarray:
