@@ -21,6 +21,7 @@ from conftest import (
     run_job,
 )
 from PIL import Image, ImageFilter
+from scipy.stats import binomtest
 
 from clf.config import IngestConfig
 from clf.dataset.ingest import ingest
@@ -64,9 +65,8 @@ def train(
     )  # fmt: skip
 
 
-# Whole images, unflipped: the head of a frozen backbone is then a convex problem on the same
-# features each epoch, which training reaches whatever the order of its batches, so that two
-# runs differ by the data they had, not by chance.
+# Whole images, unflipped: the head of a frozen backbone then sees the same features each epoch,
+# which leaves the order of batches and the choice of the best epoch as training's chance.
 STEADY = ("--set", "augment.scale_min=1.0", "--set", "augment.hflip=0")
 
 
@@ -209,25 +209,42 @@ def test_class_shares_over_one_image_per_class_are_insufficient_data(tmp_path, m
 # ----- the loop: label, review, correct, ingest, train again
 
 
-def accuracy(model: str, files: list[tuple[str, str]]) -> float:
+def correct(model: str, files: list[tuple[str, str]]) -> np.ndarray:
+    """Whether ``model``'s top-1 is each image's class."""
     results = predict(model, [f for f, _ in files], top_k=1)["results"]
-    return float(np.mean([r["top"][0]["label"] == c for r, (_, c) in zip(results, files)]))
+    return np.array([r["top"][0]["label"] == c for r, (_, c) in zip(results, files)])
+
+
+def p_worse(before: np.ndarray, after: np.ndarray) -> float:
+    """One-sided exact McNemar test on the same images: the chance of an ``after`` this much
+    worse than ``before`` if both models were equally good."""
+    gained, lost = int(np.sum(after & ~before)), int(np.sum(before & ~after))
+    if gained + lost == 0:
+        return 1.0
+    return float(binomtest(gained, gained + lost, 0.5, alternative="less").pvalue)
+
+
+# Few images to start from, as when a team begins: on 40 per class the first model is already
+# near 95% on the held-out images and the 20 hard ones move it less than training's chance.
+FIRST = 10
+# One worker and batches of 4 give the few images several steps an epoch.
+LOOP_RECIPE = (10, 224, 4, 0.01, "--workers", "1", *STEADY)
 
 
 def test_corrected_labels_flow_back_into_a_model_that_does_not_get_worse(
     tmp_path, mobilenet_weights
 ):
-    """Train on 40 images of each class; label hymenoptera val; a person corrects the review
+    """Train on 10 images of each class; label hymenoptera val; a person corrects the review
     queue's 20 images (their folder names are the truth); ingest them and train again. Scored
     on the rest of hymenoptera train, which neither model saw."""
     files = {c: sorted((HYMENOPTERA / "train" / c).glob("*.jpg")) for c in ("ants", "bees")}
     src = link_tree(
-        [(f, f"{c}/{f.name}") for c, fs in files.items() for f in fs[:40]], tmp_path / "src"
+        [(f, f"{c}/{f.name}") for c, fs in files.items() for f in fs[:FIRST]], tmp_path / "src"
     )
-    held_out = [(str(f), c) for c, fs in files.items() for f in fs[40:]]
+    held_out = [(str(f), c) for c, fs in files.items() for f in fs[FIRST:]]
     data = str(tmp_path / "data")
     job("jobs.ingest", "--src", src, "--dst", data, "--val-fraction", "0.25")
-    first = train(data, str(tmp_path / "run1"), mobilenet_weights, 6, 224, 8, 0.01, *STEADY)
+    first = train(data, str(tmp_path / "run1"), mobilenet_weights, *LOOP_RECIPE)
     first = first["model"]
 
     labels, review = str(tmp_path / "labels"), tmp_path / "review"
@@ -247,9 +264,15 @@ def test_corrected_labels_flow_back_into_a_model_that_does_not_get_worse(
         writer.writerows(corrected)
     added = job("jobs.ingest", "--labels", str(review / "corrected.csv"), "--dst", data)
     assert added["added"] == {"train": 20}
-    second = train(data, str(tmp_path / "run2"), mobilenet_weights, 6, 224, 8, 0.01, *STEADY)
+    second = train(data, str(tmp_path / "run2"), mobilenet_weights, *LOOP_RECIPE)
     second = second["model"]
 
-    before, after = accuracy(first, held_out), accuracy(second, held_out)
-    print(f"held-out accuracy ({len(held_out)} images): before {before:.3f}, after {after:.3f}")
-    assert after >= before
+    before, after = correct(first, held_out), correct(second, held_out)
+    p = p_worse(before, after)
+    print(
+        f"held-out accuracy ({len(held_out)} images): before {before.mean():.3f}, "
+        f"after {after.mean():.3f}; one-sided McNemar p {p:.3f}"
+    )
+    # One training run moves held-out accuracy by a few points either way (RESULTS.md), so a
+    # single pair of runs is compared image by image: a fall is one that chance cannot explain.
+    assert p >= 0.05, (before.mean(), after.mean())
