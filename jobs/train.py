@@ -190,6 +190,7 @@ def main() -> None:
             "epochs_run": summary.epochs_run,
             "model": summary.model,
             "seconds": summary.seconds,
+            "timings": summary.timings,
         },
         lines,
         args.json,

@@ -137,6 +137,14 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
     assert hymenoptera_run["temp_left"] == set()  # local checkpoint copies go once uploaded
 
 
+def test_the_training_summary_says_where_its_time_went(hymenoptera_run):
+    trained = hymenoptera_run["train"]
+    t = trained["timings"]
+    assert set(t) == {"set_up", "fit", "epochs", "train", "export"}
+    assert 0 < t["train"] < t["epochs"] < t["fit"]  # validation, then Ray Train's start and stop
+    assert t["set_up"] + t["fit"] + t["export"] == pytest.approx(trained["seconds"], abs=1.0)
+
+
 def test_training_logs_carry_no_ray_train_noise(hymenoptera_run):
     """Ray Train's placement-group cleaner needs the State API, or it warns each second; and its
     INFO lines would restate each report and checkpoint that the progress lines already show."""
