@@ -181,6 +181,8 @@ def main() -> None:
         f"best val accuracy {summary.best_val_acc:.3f} at epoch {summary.best_epoch + 1}; "
         f"last train {last.get('images_per_s', 0):.1f} img/s",
         f"model artifact: {summary.model}",
+        "seconds: set-up {set_up:.1f}, Ray Train {fit:.1f} (epochs {epochs:.1f}, of which "
+        "training {train:.1f}), export {export:.1f}".format(**summary.timings),
     ]
     cli.emit(
         {
