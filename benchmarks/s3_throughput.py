@@ -11,11 +11,12 @@ For local files, S3 direct (the proxy with no delay) and S3 at each --delays, it
 job's img/s (the fastest of --repeat rounds), its ratio to S3 direct and to local, the object
 requests (GET and HEAD) per image read, the peak PSS of the job's process tree, and moto's CPU
 per image. ``--memory A,B`` labels A and then B images from S3 for the peak-memory ratio;
-``--listing-keys N`` lists N keys directly and at +20 ms.
+``--listing-keys N`` lists N keys directly and at +20 ms. ``--model-load`` times the artifact's
+load from the bucket, first on an empty machine cache and then from the machine's copy.
 
     python -m benchmarks.s3_throughput [--images 3000] [--delays 20,50] [--model tiny]
         [--repeat 2] [--label-args "--read-concurrency 16"] [--memory 2000,20000]
-        [--listing-keys 200000]
+        [--listing-keys 200000] [--model-load]
 """
 
 from __future__ import annotations
@@ -218,6 +219,47 @@ def listing(args) -> None:
             proxy.stop()
 
 
+def model_load(args) -> None:
+    """An artifact's load from the bucket, as each predictor actor does: the first on a machine
+    reads the model file, the later ones take the machine's copy."""
+    import shutil
+    import tempfile
+
+    from clf import storage
+    from clf.artifact.classifier import load_classifier
+
+    local = artifact(args.model)
+    load_classifier(local, prefer_gpu=False)  # the imports, once, outside the timings
+    tempfile.tempdir = scratch_dir("clf-s3-bench-node-")  # an empty machine cache
+    with moto_server(free_port(), keys={f"{BUCKET}/empty": 1}) as moto:
+        proxy = FaultProxy(moto.url, rate=0.0).start()
+        os.environ.update(CREDENTIALS)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        art = f"s3://{BUCKET}/models/{args.model}"
+        for name in os.listdir(local):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(f"{art}/{name}", f.read())
+        try:
+            for delay in (0, *args.delays):
+                proxy.delay_s = delay / 1000
+                shutil.rmtree(storage.cache_dir(), ignore_errors=True)
+                seconds, gets = [], []
+                for _ in range(4):
+                    before, started = proxy.calls["GetObject"], time.monotonic()
+                    load_classifier(art, prefer_gpu=False)
+                    seconds.append(time.monotonic() - started)
+                    gets.append(proxy.calls["GetObject"] - before)
+                warm = sorted(seconds[1:])[1]
+                print(
+                    f"model load at +{delay} ms ({args.model}): first {seconds[0]:.2f} s with "
+                    f"{gets[0]} GETs; later {warm:.2f} s (median of 3) with {gets[1]} GETs, "
+                    f"{seconds[0] / warm:.1f}x faster",
+                    flush=True,
+                )
+        finally:
+            proxy.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=3000)
@@ -228,6 +270,7 @@ def main() -> None:
     p.add_argument("--memory", default="", help="A,B: peak memory labelling A then B images")
     p.add_argument("--listing-keys", type=int, default=0, help="list this many keys")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--model-load", action="store_true", help="time the artifact's load")
     args = p.parse_args()
     args.delays = [int(d) for d in args.delays.split(",") if d]
     label_args = shlex.split(args.label_args)
@@ -241,6 +284,8 @@ def main() -> None:
         memory(args, label_args)
     if args.listing_keys:
         listing(args)
+    if args.model_load:
+        model_load(args)
 
 
 if __name__ == "__main__":

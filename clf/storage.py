@@ -9,6 +9,7 @@ with no project-specific settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -358,18 +359,70 @@ def delete(uri: str) -> None:
         pass
 
 
-def local_copy(uri: str, cache_dir: str | None = None) -> str:
+def cache_dir() -> str:
+    """This machine's copies of objects read from buckets."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "clf-cache")
+
+
+# Copies of content-addressed objects (model files) kept per machine, the most recently used.
+CACHED_BY_SHA256 = 4
+
+
+def read_by_sha256(uri: str, sha256: str) -> bytes | None:
+    """The bytes of ``uri`` if their sha256 is ``sha256``, else None. An ``s3://`` object is read
+    from the bucket once per machine: later reads, by every actor a job starts on the node and
+    by the next night's run, take the local copy, which is checked like the object itself."""
+    import hashlib
+
+    def matches(data: bytes) -> bool:
+        return hashlib.sha256(data).hexdigest() == sha256
+
+    uri = normalize(uri)
+    if not uri.startswith("s3://") or not re.fullmatch("[0-9a-f]{64}", sha256):
+        data = read_bytes(uri)
+        return data if matches(data) else None
+    copy = os.path.join(cache_dir(), f"sha256-{sha256}")
+    try:
+        with open(copy, "rb") as f:
+            data = f.read()
+        if matches(data):
+            os.utime(copy)  # recently used
+            return data
+    except OSError:  # not there yet, or removed as least recently used while we looked
+        pass
+    data = read_bytes(uri)
+    if not matches(data):
+        return None
+    try:
+        write_bytes(copy, data)  # atomic: a reader sees the whole copy or none
+        _forget_least_recent(cache_dir(), "sha256-", CACHED_BY_SHA256)
+    except (OSError, StorageError):  # a full or read-only disk costs the next read, not this one
+        pass
+    return data
+
+
+def _forget_least_recent(folder: str, prefix: str, keep: int) -> None:
+    entries = [  # not the temporary files of copies being written
+        e for e in os.scandir(folder) if e.name.startswith(prefix) and "." not in e.name
+    ]
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    for entry in entries[keep:]:
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            os.remove(entry.path)
+
+
+def local_copy(uri: str) -> str:
     """A local path for a file that a library insists on opening itself (torch.load, onnx)."""
     uri = normalize(uri)
     if not uri.startswith("s3://"):
         return uri
     import hashlib
-    import tempfile
 
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "clf-cache")
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(cache_dir(), exist_ok=True)
     name = hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + posixpath.basename(uri)
-    dest = os.path.join(cache_dir, name)
+    dest = os.path.join(cache_dir(), name)
     if not os.path.exists(dest):
         write_bytes(dest, read_bytes(uri))
     return dest

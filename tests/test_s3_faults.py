@@ -250,6 +250,60 @@ def test_predict_reads_several_images_from_a_bucket_at_once(
     assert proxy.calls == {"GetObject": 6} and proxy.most_in_flight > 1
 
 
+def test_a_model_file_is_read_from_the_bucket_once_per_machine(
+    bucket, s3_endpoint, monkeypatch, tmp_path
+):
+    """Every predictor actor a job starts on a node, and the next night's run, load the model
+    from the node's copy; a copy that no longer matches the artifact's sha256 is read again."""
+    import tempfile
+
+    import numpy as np
+    from test_labeling import export_small_cnn
+
+    from clf.artifact.classifier import load_classifier
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    local = export_small_cnn(tmp_path / "art")
+    art = f"{bucket}/models/small"
+    for name in os.listdir(local):
+        storage.write_bytes(f"{art}/{name}", Path(local, name).read_bytes())
+    model_gets = []
+    proxy = proxy_for(s3_endpoint, monkeypatch)
+    proxy.before_forward = lambda method, path: (
+        model_gets.append(path) if "model.ts" in path else None
+    )
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    try:
+        first = load_classifier(art, prefer_gpu=False).predict_proba(pixels)
+        assert len(model_gets) == 1
+        again = load_classifier(art, prefer_gpu=False).predict_proba(pixels)
+        assert len(model_gets) == 1  # the copy, not the bucket
+        (copy,) = [p for p in (tmp_path / "node-tmp" / "clf-cache").iterdir()]
+        copy.write_bytes(b"not the model")
+        repaired = load_classifier(art, prefer_gpu=False).predict_proba(pixels)
+        assert len(model_gets) == 2
+    finally:
+        proxy.stop()
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, repaired)
+    assert copy.read_bytes() == Path(local, "model.ts").read_bytes()
+
+
+def test_the_machine_keeps_copies_of_the_most_recently_used_models_only(
+    objects, monkeypatch, tmp_path
+):
+    import hashlib
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shas = [hashlib.sha256(data).hexdigest() for _, data in objects]
+    for (uri, data), sha in zip(objects[:6], shas):
+        assert storage.read_by_sha256(uri, sha) == data
+    assert storage.read_by_sha256(objects[0][0], shas[1]) is None  # not the bytes it names
+    kept = sorted(p.name for p in (tmp_path / "clf-cache").iterdir())
+    assert kept == sorted(f"sha256-{sha}" for sha in shas[6 - storage.CACHED_BY_SHA256 : 6])
+
+
 # ------------------------------------------------------------------------------------------
 # Jobs through the faulty proxy
 

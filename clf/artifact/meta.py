@@ -3,7 +3,6 @@ that jobs can check ``--model`` before anything heavy is imported."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from clf import storage
@@ -40,8 +39,8 @@ def read_model_file(
     its sha256 in meta.json; ``meta``: the artifact's meta.json when already read."""
     meta = meta or read_meta(uri)
     fmt = check_format_in(meta, uri, fmt)
-    blob = storage.read_bytes(storage.join(uri, meta["files"][fmt]))
-    if hashlib.sha256(blob).hexdigest() != file_sha256(meta, fmt):
+    blob = storage.read_by_sha256(storage.join(uri, meta["files"][fmt]), file_sha256(meta, fmt))
+    if blob is None:
         raise ModelLoadError(f"{uri}: {meta['files'][fmt]} does not match its sha256 in meta.json")
     return meta, fmt, blob
 
