@@ -13,7 +13,8 @@ an ONNX artifact (the CPU format):
 
 A job's parts: its summary's listing and work seconds; the rest of its wall time is imports,
 Ray's start and stop and the model's load. Training's fixed cost is its wall time outside the
-epochs' training seconds. The cheap runs repeat (--repeats) and report their median.
+epochs' training seconds, and its summary's timings split jobs.train's wall time into parts.
+The cheap runs repeat (--repeats) and report their median.
 
     python -m benchmarks.startup [--repeats 3] [--no-train | --train-only]
 """
