@@ -223,14 +223,13 @@ def model_load(args) -> None:
     """An artifact's load from the bucket, as each predictor actor does: the first on a machine
     reads the model file, the later ones take the machine's copy."""
     import shutil
-    import tempfile
 
     from clf import storage
     from clf.artifact.classifier import load_classifier
 
     local = artifact(args.model)
     load_classifier(local, prefer_gpu=False)  # the imports, once, outside the timings
-    tempfile.tempdir = scratch_dir("clf-s3-bench-node-")  # an empty machine cache
+    os.environ["CLF_CACHE_DIR"] = scratch_dir("clf-s3-bench-cache-")  # an empty machine cache
     with moto_server(free_port(), keys={f"{BUCKET}/empty": 1}) as moto:
         proxy = FaultProxy(moto.url, rate=0.0).start()
         os.environ.update(CREDENTIALS)

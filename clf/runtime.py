@@ -16,7 +16,8 @@ import tempfile
 
 from clf.errors import UsageError
 
-FORWARDED_ENV_PREFIXES = ("AWS_", "MALLOC_")
+# Object-storage settings, allocator tuning, and where model files from buckets are kept.
+FORWARDED_ENV_PREFIXES = ("AWS_", "MALLOC_", "CLF_CACHE_DIR")
 
 # glibc hands large freed blocks (activations, decoded images) back to the OS after every
 # batch, and on small machines the page faults cost more than the arithmetic (measured in
@@ -73,9 +74,9 @@ IGNORED_WARNINGS = "ignore:`ExecutionOptions.exclude_resources` is deprecated"
 
 
 def forwarded_env() -> dict[str, str]:
-    """Environment for every Ray worker: object-storage settings, the allocator tuning, and a
-    warnings filter unless the user set PYTHONWARNINGS (perhaps in the job's runtime_env, whose
-    keys Ray refuses to see repeated here)."""
+    """Environment for every Ray worker: object-storage settings, the allocator tuning, the
+    machine cache's folder, and a warnings filter unless the user set PYTHONWARNINGS (perhaps in
+    the job's runtime_env, whose keys Ray refuses to see repeated here)."""
     own = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     allocator = {} if any(k.startswith("MALLOC_") for k in own) else WORKER_ALLOCATOR_ENV
     warnings = {} if "PYTHONWARNINGS" in os.environ else {"PYTHONWARNINGS": IGNORED_WARNINGS}

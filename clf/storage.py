@@ -360,10 +360,11 @@ def delete(uri: str) -> None:
 
 
 def cache_dir() -> str:
-    """This machine's copies of objects read from buckets."""
+    """This machine's copies of objects read from buckets: ``CLF_CACHE_DIR``, by default the
+    temporary folder's ``clf-cache``."""
     import tempfile
 
-    return os.path.join(tempfile.gettempdir(), "clf-cache")
+    return os.environ.get("CLF_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "clf-cache")
 
 
 # Copies of content-addressed objects (model files) kept per machine, the most recently used.

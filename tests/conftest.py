@@ -80,6 +80,15 @@ def pytest_collection_modifyitems(items):
         raise pytest.UsageError(f"tests need the shared data folder at {SHARED}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_machine_cache(tmp_path_factory):
+    """Model files read from buckets are kept per machine (``storage.read_by_sha256``); each
+    session starts with none, so that no test finds a copy an earlier run left."""
+    os.environ["CLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("clf-cache"))
+    yield
+    os.environ.pop("CLF_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> str:
     return str(

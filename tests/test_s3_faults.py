@@ -255,14 +255,13 @@ def test_a_model_file_is_read_from_the_bucket_once_per_machine(
 ):
     """Every predictor actor a job starts on a node, and the next night's run, load the model
     from the node's copy; a copy that no longer matches the artifact's sha256 is read again."""
-    import tempfile
 
     import numpy as np
     from test_labeling import export_small_cnn
 
     from clf.artifact.classifier import load_classifier
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))
+    monkeypatch.setenv("CLF_CACHE_DIR", str(tmp_path / "node-cache"))
     local = export_small_cnn(tmp_path / "art")
     art = f"{bucket}/models/small"
     for name in os.listdir(local):
@@ -278,7 +277,7 @@ def test_a_model_file_is_read_from_the_bucket_once_per_machine(
         assert len(model_gets) == 1
         again = load_classifier(art, prefer_gpu=False).predict_proba(pixels)
         assert len(model_gets) == 1  # the copy, not the bucket
-        (copy,) = [p for p in (tmp_path / "node-tmp" / "clf-cache").iterdir()]
+        (copy,) = [p for p in (tmp_path / "node-cache").iterdir()]
         copy.write_bytes(b"not the model")
         repaired = load_classifier(art, prefer_gpu=False).predict_proba(pixels)
         assert len(model_gets) == 2
@@ -293,14 +292,13 @@ def test_the_machine_keeps_copies_of_the_most_recently_used_models_only(
     objects, monkeypatch, tmp_path
 ):
     import hashlib
-    import tempfile
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("CLF_CACHE_DIR", str(tmp_path))
     shas = [hashlib.sha256(data).hexdigest() for _, data in objects]
     for (uri, data), sha in zip(objects[:6], shas):
         assert storage.read_by_sha256(uri, sha) == data
     assert storage.read_by_sha256(objects[0][0], shas[1]) is None  # not the bytes it names
-    kept = sorted(p.name for p in (tmp_path / "clf-cache").iterdir())
+    kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == sorted(f"sha256-{sha}" for sha in shas[6 - storage.CACHED_BY_SHA256 : 6])
 
 

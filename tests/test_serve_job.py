@@ -53,7 +53,7 @@ def test_a_flag_that_does_not_fit_the_machine_or_model_is_refused_before_ray_sta
 
 
 @pytest.fixture(scope="module")
-def served_from_a_slow_bucket(mobilenet_artifact, s3_endpoint):
+def served_from_a_slow_bucket(mobilenet_artifact, s3_endpoint, tmp_path_factory):
     """jobs.serve, started as a terminal would, whose model file is held back at the bucket
     until the test opens ``gate``: the replica is up, its model not yet loaded."""
     import boto3
@@ -70,7 +70,12 @@ def served_from_a_slow_bucket(mobilenet_artifact, s3_endpoint):
     server = subprocess.Popen(
         [sys.executable, "-m", "jobs.serve", *args, "--batch-wait-ms", "2000"],
         cwd=ROOT,
-        env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
+        # An empty machine cache: the model must come from the bucket, through the gate.
+        env={
+            **os.environ,
+            "AWS_ENDPOINT_URL": proxy.url,
+            "CLF_CACHE_DIR": str(tmp_path_factory.mktemp("serve-cache")),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
