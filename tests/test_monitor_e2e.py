@@ -53,13 +53,21 @@ def link_tree(pairs, root) -> str:
 
 
 def train(
-    data: str, run: str, weights: str, epochs: int, input_size: int, batch: int, lr: float, *more
+    data: str,
+    run: str,
+    weights: str,
+    epochs: int,
+    input_size: int,
+    batch: int,
+    lr: float,
+    *more: str,
+    workers: int = 2,
 ) -> dict:
     """A pretrained MobileNetV2 with only its head trained: quick on two cores."""
     weights = os.path.relpath(weights, ROOT)
     return job(
         "jobs.train", "--data", data, "--model", "mobilenet_v2", "--pretrained", weights,
-        "--strategy", "frozen", "--epochs", str(epochs), "--workers", "2",
+        "--strategy", "frozen", "--epochs", str(epochs), "--workers", str(workers),
         "--batch-size", str(batch), "--lr", str(lr), "--input-size", str(input_size),
         "--output", run, *more,
     )  # fmt: skip
@@ -227,8 +235,8 @@ def p_worse(before: np.ndarray, after: np.ndarray) -> float:
 # Few images to start from, as when a team begins: on 40 per class the first model is already
 # near 95% on the held-out images and the 20 hard ones move it less than training's chance.
 FIRST = 10
-# One worker and batches of 4 give the few images several steps an epoch.
-LOOP_RECIPE = (10, 224, 4, 0.01, "--workers", "1", *STEADY)
+# On one worker, batches of 4 give the few images several steps an epoch.
+LOOP_RECIPE = (10, 224, 4, 0.01, *STEADY)
 
 
 def test_corrected_labels_flow_back_into_a_model_that_does_not_get_worse(
@@ -244,7 +252,7 @@ def test_corrected_labels_flow_back_into_a_model_that_does_not_get_worse(
     held_out = [(str(f), c) for c, fs in files.items() for f in fs[FIRST:]]
     data = str(tmp_path / "data")
     job("jobs.ingest", "--src", src, "--dst", data, "--val-fraction", "0.25")
-    first = train(data, str(tmp_path / "run1"), mobilenet_weights, *LOOP_RECIPE)
+    first = train(data, str(tmp_path / "run1"), mobilenet_weights, *LOOP_RECIPE, workers=1)
     first = first["model"]
 
     labels, review = str(tmp_path / "labels"), tmp_path / "review"
@@ -264,7 +272,7 @@ def test_corrected_labels_flow_back_into_a_model_that_does_not_get_worse(
         writer.writerows(corrected)
     added = job("jobs.ingest", "--labels", str(review / "corrected.csv"), "--dst", data)
     assert added["added"] == {"train": 20}
-    second = train(data, str(tmp_path / "run2"), mobilenet_weights, *LOOP_RECIPE)
+    second = train(data, str(tmp_path / "run2"), mobilenet_weights, *LOOP_RECIPE, workers=1)
     second = second["model"]
 
     before, after = correct(first, held_out), correct(second, held_out)

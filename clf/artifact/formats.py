@@ -14,6 +14,7 @@ file disagrees with the eager model beyond the format's criterion.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import tempfile
@@ -51,8 +52,6 @@ def channels_last(images: torch.Tensor) -> torch.Tensor:
 def eager_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The eager model's logits, which every format must match: computed channels_last, in which
     oneDNN's convolutions run faster, by a copy, since the formats export ``model`` as it is."""
-    import copy
-
     fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
     try:
         return batched(fast, channels_last(images))

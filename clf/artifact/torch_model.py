@@ -39,7 +39,7 @@ class TorchClassifier:
         """Logits of a normalized float NCHW batch. TorchScript gets the batch channels_last, in
         which oneDNN's and cuDNN's convolutions run faster (frozen NCHW weights follow it)."""
         if self.format == "torchscript":
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = fmts.channels_last(images)
         return self.module(images)
 
     def to_device(self, pixels: np.ndarray) -> torch.Tensor:
