@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 
 from clf.errors import UsageError
 
@@ -36,6 +37,19 @@ WORKER_ALLOCATOR_ENV = {
 # embedded Ray keeps this many more; `ray start` reads RAY_num_workers_soft_limit
 # (cluster/local-head.sh sets it).
 SPARE_WORKERS = 4
+
+# An embedded Ray without what would only cost (benchmarks/RESULTS.md). The raylet prestarts a
+# worker process per CPU for the first driver, but without its runtime_env, which every job here
+# sets, so no task or actor could use them; Ray Train watches its nodes for cloud preemption
+# notices from an extra actor, and a machine on its own has no other node to move to. Each was
+# a process start taken from the job's CPUs. Ray Train's controller learns that its workers
+# finished only when it polls them; polling a machine's few workers often costs next to nothing,
+# and the end of a run no longer waits for several polls.
+EMBEDDED_RAY_ENV = {
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
 
 # Ray's plasma allocator walks through the whole object store over a long run, and every page it
 # touches stays in shared memory: at Ray's default size (30% of RAM) a long label run's memory
@@ -121,6 +135,8 @@ def init_ray(
         # Private: no public API counts CPUs as Ray will (cgroup quotas included).
         cpus = num_cpus or int(ray._private.utils.get_num_cpus())
         os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
+        for name, value in EMBEDDED_RAY_ENV.items():
+            os.environ.setdefault(name, value)
         sized_by_user = any(name in os.environ for name in OBJECT_STORE_ENV)
         ray.init(
             num_cpus=num_cpus,
@@ -133,6 +149,16 @@ def init_ray(
         )
     if quiet:
         quiet_ray_logs()
+
+
+def shut_down_ray_in_background() -> threading.Thread:
+    """Ray's shutdown, which mostly waits for its processes to end, in a thread that the caller's
+    remaining work overlaps; the process's exit waits for it."""
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    thread.start()
+    return thread
 
 
 def streaming_object_store_bytes(cpus: int) -> int:

@@ -173,7 +173,13 @@ def main() -> None:
     from clf.training.trainer import train
 
     runtime.init_ray(dashboard=True)
-    summary = train(cfg, classes, manifest, progress=cli.progress(args.json))
+    summary = train(
+        cfg,
+        classes,
+        manifest,
+        progress=cli.progress(args.json),
+        fitted=runtime.shut_down_ray_in_background,
+    )
     last = summary.history[-1] if summary.history else {}
     lines = [
         f"trained {cfg.model.name}: {summary.epochs_run} epoch(s) in {summary.seconds:.0f}s "

@@ -395,6 +395,53 @@ def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path
     assert done.stdout.strip().splitlines()[-1] == "3 3"
 
 
+def test_an_embedded_ray_starts_no_worker_process_that_its_tasks_could_not_use():
+    """Ray prestarts workers for no job, without the runtime_env that every job here sets, so
+    none of its tasks could run in them; each was a process start taken from the job's CPUs.
+    Ray names each worker's log after its job, ffffffff for none."""
+    code = (
+        "import os, ray; from clf import runtime; runtime.init_ray(num_cpus=2)\n"
+        "@ray.remote\n"
+        "def pid(): return os.getpid()\n"
+        "ray.get([pid.remote() for _ in range(2)])\n"
+        "logs = ray._private.worker._global_node.get_logs_dir_path()  # private: no public API\n"
+        "jobs = {name.split('-')[2] for name in os.listdir(logs)\n"
+        "        if name.startswith('worker-') and name.endswith('.out')}\n"
+        "print(sorted(jobs)); ray.shutdown()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "['01000000']"
+
+
+EXIT_PROBE = """
+import atexit, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from clf import cli
+
+ThreadPoolExecutor(2).submit(time.sleep, 0)  # left open, as a job's pool may be
+atexit.register(lambda: print("atexit hook", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", flush=True))).start()
+print("main done", end="\\n")  # buffered: flushed on the way out
+cli.exit_now(3)
+"""
+
+
+def test_a_job_ends_its_threads_and_atexit_hooks_and_flushes_before_skipping_teardown():
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.splitlines() == ["main done", "thread done", "atexit hook"]
+
+
 def test_min_int8_agreement_may_be_any_share_up_to_all():
     assert [cli.unit_interval(v) for v in ("0", "0.99", "1")] == [0.0, 0.99, 1.0]
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\], got 1.5"):

@@ -6,6 +6,7 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,8 @@ from clf.zeroshot import clip
 
 # Ray Train's controller learns that its workers reported or finished only at its health check,
 # every 2 s by default, so the end of every run waited up to two of them. Ray propagates this
-# variable from the driver to the controller and the workers; a value the user set stands.
+# variable from the driver to the controller and the workers; a value the user set stands, and
+# an embedded Ray polls its few workers more often (runtime.EMBEDDED_RAY_ENV).
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = 0.5
 
@@ -80,9 +82,11 @@ def train(
     classes: list[str],
     manifest: dict[str, Any],
     progress: Callable[[str], None] = print,
+    fitted: Callable[[], Any] | None = None,
 ) -> TrainSummary:
     """Train ``cfg`` with Ray Train (DDP), then export the best epoch. Re-running with the same
-    ``cfg.output`` resumes. ``classes`` and ``manifest``: what ``checks.check_train`` returned."""
+    ``cfg.output`` resumes. ``classes`` and ``manifest``: what ``checks.check_train`` returned.
+    ``fitted`` is called once Ray Train is done: the export that follows needs no Ray."""
     started = time.monotonic()
     run = storage.normalize(cfg.output)
     spec = resolve_preprocess(cfg)
@@ -94,11 +98,15 @@ def train(
     trainer = build_trainer(cfg, run, spec, classes, manifest, progress)
     fit_started = time.monotonic()
     trainer.fit()
-    fitted = time.monotonic()
+    fit_ended = time.monotonic()
+    if fitted is not None:
+        fitted()
     epochs = history.read(run)
-    history.plot_curves(run)
-    folder, best = checkpoint.best_in_run(run)
-    model_uri = export_run(run, folder)
+    with ThreadPoolExecutor(1) as pool:  # the figure is drawn while the export runs
+        curves = pool.submit(history.plot_curves, run)
+        folder, best = checkpoint.best_in_run(run)
+        model_uri = export_run(run, folder)
+        curves.result()
     finished = time.monotonic()
     this_call = epochs[earlier:]
     return TrainSummary(
@@ -111,10 +119,10 @@ def train(
         history=epochs,
         timings={
             "set_up": fit_started - started,
-            "fit": fitted - fit_started,
+            "fit": fit_ended - fit_started,
             "epochs": sum(r["epoch_seconds"] for r in this_call),
             "train": sum(r["train_seconds"] for r in this_call),
-            "export": finished - fitted,
+            "export": finished - fit_ended,
         },
     )
 
@@ -199,7 +207,6 @@ def export_run(
     Parity is checked on ``sample``, by default the first 256 images of the run's val split,
     and the model's labels of up to 2,000 of them are its reference for ``jobs.monitor``.
     """
-    from clf.artifact.reference import record_reference
     from clf.artifact.sample import load_sample
 
     config_uri = storage.join(run, "config.json")
@@ -241,7 +248,7 @@ def export_run(
         labels=images.labels,
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
+        sample_uris=images.uris,
+        reference=sample,  # None for the packaged photos, which are nobody's data
     )
-    if sample is not None:  # packaged photos are nobody's data: no reference from them
-        record_reference(output, sample)
     return output
