@@ -91,7 +91,7 @@ def worker_datasets(
             seed=seed if split == "train" else None,
         )
         for rank, blocks in enumerate(parts):
-            datasets[shard_name(split, rank)] = ray.data.from_arrow(blocks)
+            datasets[shard_name(split, rank)] = ray.data.from_blocks(blocks)
     return datasets, streamed
 
 
