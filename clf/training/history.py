@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -51,14 +50,14 @@ def plot_curves(run: str) -> str | None:
     rows = read(run)
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from clf.plots import to_png
 
     latest = {r["epoch"]: r for r in rows}  # a resumed epoch supersedes its earlier attempt
     epochs = sorted(latest)
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="tight")
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         loss_ax.plot(epochs, [latest[e][key] for e in epochs], marker="o", label=label)
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
@@ -68,12 +67,8 @@ def plot_curves(run: str) -> str | None:
     for ax in (loss_ax, acc_ax):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     uri = storage.join(run, "curves.png")
-    storage.write_bytes(uri, buffer.getvalue())
+    storage.write_bytes(uri, to_png(fig))
     return uri
 
 
