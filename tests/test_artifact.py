@@ -421,3 +421,42 @@ def test_predict_refuses_a_folder_before_loading_the_model(exported):
     done = run_in_process("jobs.predict", "--model", str(folder), str(HYMENOPTERA))
     assert done.returncode == 2
     assert f"{HYMENOPTERA}: a folder, not an image file" in done.stderr
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_the_reference_keeps_the_parity_checks_rows_and_they_are_what_the_artifact_says(
+    fmt, tmp_path, monkeypatch
+):
+    """The sample's images are not run again for the reference: their rows come from the
+    default format's logits in its parity check, and match running the artifact's file."""
+    import pyarrow.parquet as pq
+
+    from clf.artifact import reference
+    from clf.artifact.reference import REFERENCE_FILE, record_reference
+
+    run_again = []
+    predict = reference.predict_encoded
+    monkeypatch.setattr(
+        reference,
+        "predict_encoded",
+        lambda m, images: predict(m, run_again.extend(images) or images),
+    )
+
+    val = str(HYMENOPTERA / "val")
+    sample = load_sample(val, SPEC, CLASSES, limit=16)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 2).eval()
+    meta = export_artifact(
+        model, str(tmp_path), arch="small_cnn", classes=CLASSES, preprocess=SPEC,
+        formats=(fmt,), sample=sample.images, sample_uris=sample.uris, reference=val,
+    )  # fmt: skip
+    reused = pq.read_table(tmp_path / REFERENCE_FILE).to_pylist()
+    assert meta["reference"]["rows"] == len(reused) > len(sample.uris) == 16
+    assert len(run_again) == len(reused) - 16
+    record_reference(str(tmp_path), val)  # every image through the artifact's file
+    again = pq.read_table(tmp_path / REFERENCE_FILE).to_pylist()
+    assert [r["uri"] for r in reused] == [r["uri"] for r in again]
+    for first, second in zip(reused, again):
+        assert first["topk_labels"] == second["topk_labels"] and first["error"] is None
+        assert first["model"] == second["model"] == meta["sha256"][:12]
+        assert first["topk_scores"] == pytest.approx(second["topk_scores"], abs=1e-5)

@@ -38,12 +38,16 @@ def export_artifact(
     labels: torch.Tensor | None = None,
     sample_source: str | None = None,
     min_int8_agreement: float | None = None,
+    sample_uris: list[str] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Write the artifact in every format of ``formats``; the first is the default one.
 
     ``sample`` (normalized float NCHW, real images) is what each format is checked on, and what
     int8 is calibrated on; ``labels``, if given, add the accuracy drop of int8 to meta.json.
     Any check that fails raises ``ModelLoadError`` before anything is written.
+    ``reference``: images whose label rows become the artifact's reference; those of the sample
+    (named by ``sample_uris``, in its order) keep the default format's logits from its check.
     """
     check_formats(formats)
     if "int8" in formats and (sample is None or len(sample) < fmts.INT8_MIN_IMAGES):
@@ -61,9 +65,9 @@ def export_artifact(
 
     meta_uri = storage.join(output, "meta.json")
     storage.delete(meta_uri)  # an old meta.json must never describe the new files
-    for fmt, (blob, _) in exported.items():
-        storage.write_bytes(storage.join(output, FILES[fmt]), blob)
-    sha = {fmt: hashlib.sha256(blob).hexdigest() for fmt, (blob, _) in exported.items()}
+    for fmt, done in exported.items():
+        storage.write_bytes(storage.join(output, FILES[fmt]), done.blob)
+    sha = {fmt: hashlib.sha256(done.blob).hexdigest() for fmt, done in exported.items()}
     meta = {
         "format": formats[0],
         "files": {fmt: FILES[fmt] for fmt in formats},
@@ -77,11 +81,14 @@ def export_artifact(
         "metrics": metrics or {},
         "parity": {
             "sample": sample_source or "given by the caller",
-            **{fmt: report for fmt, (_, report) in exported.items()},
+            **{fmt: done.report for fmt, done in exported.items()},
         },
         "sha256": sha[formats[0]],
     }
     storage.write_json(meta_uri, meta)  # last: marks a complete artifact
+    if reference is not None:
+        probs = torch.softmax(exported[formats[0]].logits.float(), dim=1).numpy()
+        meta = record_reference(output, reference, known=dict(zip(sample_uris or [], probs)))
     return meta
 
 
@@ -143,7 +150,7 @@ def from_pretrained(
         labels=images.labels,
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
+        sample_uris=images.uris,
+        reference=sample,  # None for the packaged photos, which are nobody's data
     )
-    if sample is not None:  # packaged photos are nobody's data: no reference from them
-        meta = record_reference(output, sample)
     return meta

@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,16 @@ INT8_MIN_AGREEMENT = 0.99
 INT8_MIN_IMAGES = 32  # half calibrate, half check
 CALIBRATION_IMAGES = 64  # percentile calibration keeps every activation of every image in memory
 BATCH = 32
+
+
+class Exported(NamedTuple):
+    """A format's file, its parity report, and its own logits on every image it was checked
+    on (the artifact's reference reuses them rather than running the file again)."""
+
+    blob: bytes
+    report: dict[str, Any]
+    logits: torch.Tensor
+
 
 # TorchScript is deprecated upstream but remains the contract's pickle-free, class-free format.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
@@ -82,9 +92,7 @@ def _check_close(fmt: str, report: dict[str, Any], atol: float) -> dict[str, Any
 # Export
 
 
-def export_torchscript(
-    model: nn.Module, images: torch.Tensor, expected: torch.Tensor
-) -> tuple[bytes, dict[str, Any]]:
+def export_torchscript(model: nn.Module, images: torch.Tensor, expected: torch.Tensor) -> Exported:
     with torch.no_grad():
         traced = torch.jit.freeze(torch.jit.trace(model, images[:1], check_trace=False))
     # Checked on the channels_last batches that TorchClassifier.logits gives it at run time.
@@ -92,7 +100,7 @@ def export_torchscript(
     report = _check_close("torchscript", compare(expected, got), TORCHSCRIPT_ATOL)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
-    return buffer.getvalue(), report
+    return Exported(buffer.getvalue(), report, got)
 
 
 def to_onnx(model: nn.Module, images: torch.Tensor) -> bytes:
@@ -112,12 +120,11 @@ def to_onnx(model: nn.Module, images: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def export_onnx(
-    model: nn.Module, images: torch.Tensor, expected: torch.Tensor
-) -> tuple[bytes, dict[str, Any]]:
+def export_onnx(model: nn.Module, images: torch.Tensor, expected: torch.Tensor) -> Exported:
     blob = to_onnx(model, images)
-    report = compare(expected, batched(OnnxModule(blob), images))
-    return blob, {**_check_close("onnx", report, ONNX_ATOL), "exporter": "torch.onnx (dynamo)"}
+    got = batched(OnnxModule(blob), images)
+    report = _check_close("onnx", compare(expected, got), ONNX_ATOL)
+    return Exported(blob, {**report, "exporter": "torch.onnx (dynamo)"}, got)
 
 
 def export_int8(
@@ -126,14 +133,15 @@ def export_int8(
     expected: torch.Tensor,
     labels: torch.Tensor | None = None,
     min_agreement: float = INT8_MIN_AGREEMENT,
-) -> tuple[bytes, dict[str, Any]]:
+) -> Exported:
     """Quantize on up to 64 images spread over the sample; measure agreement on the rest."""
     calibrate = torch.zeros(len(images), dtype=torch.bool)
     picks = min(CALIBRATION_IMAGES, len(images) // 2)
     calibrate[torch.linspace(0, len(images) - 1, picks).round().long()] = True
     check = ~calibrate
     blob = quantize(onnx_blob, images[calibrate])
-    got = batched(OnnxModule(blob), images[check])
+    logits = batched(OnnxModule(blob), images)
+    got = logits[check]
     report = compare(expected[check], got)
     report.update(
         method="onnxruntime static QDQ, per-channel 7-bit weights, percentile calibration",
@@ -150,7 +158,7 @@ def export_int8(
             f"int8 export agrees with fp32 on {report['top1_agreement']:.1%} of "
             f"{report['images']} images (needs at least {min_agreement:.0%})"
         )
-    return blob, report
+    return Exported(blob, report, logits)
 
 
 def quantize(onnx_blob: bytes, calibration: torch.Tensor) -> bytes:
@@ -204,17 +212,18 @@ def export_all(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
     min_int8_agreement: float = INT8_MIN_AGREEMENT,
-) -> dict[str, tuple[bytes, dict[str, Any]]]:
-    """Every requested format's bytes and parity report; raises before returning if any fails."""
+) -> dict[str, Exported]:
+    """Every requested format's file, parity report and logits; raises before returning if any
+    fails."""
     expected = eager_logits(model, images)
-    out: dict[str, tuple[bytes, dict[str, Any]]] = {}
+    out: dict[str, Exported] = {}
     for fmt in formats:
         if fmt == "torchscript":
             out[fmt] = export_torchscript(model, images, expected)
         elif fmt == "onnx":
             out[fmt] = export_onnx(model, images, expected)
     if "int8" in formats:
-        onnx_blob = out["onnx"][0] if "onnx" in out else to_onnx(model, images)
+        onnx_blob = out["onnx"].blob if "onnx" in out else to_onnx(model, images)
         out["int8"] = export_int8(onnx_blob, images, expected, labels, min_int8_agreement)
     return {fmt: out[fmt] for fmt in formats}
 

@@ -5,6 +5,7 @@ images (a run's val split, or ``--sample``), kept in the artifact as ``reference
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 
 from clf import storage
 from clf.artifact.classifier import load_classifier, top_k_of_rows
-from clf.artifact.meta import read_meta
+from clf.artifact.meta import file_sha256, read_meta
 from clf.artifact.sample import sample_files
 from clf.dataset.label_rows import label_table
 from clf.inference.in_process import predict_encoded
@@ -24,24 +25,53 @@ REFERENCE_IMAGES = 2000
 REFERENCE_TOP_K = 10
 
 
-def record_reference(artifact: str, images: str, limit: int = REFERENCE_IMAGES) -> dict[str, Any]:
+def record_reference(
+    artifact: str,
+    images: str,
+    limit: int = REFERENCE_IMAGES,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Label up to ``limit`` of ``images`` (shards or image files) with the artifact at
-    ``artifact``, as ``jobs.label`` would, and record them as its reference."""
+    ``artifact``, as ``jobs.label`` would, and record them as its reference. ``known``: the
+    artifact's probabilities of images it has already run on, by label-row uri (the export's
+    parity check), which are not run again."""
+    known = known or {}
     found = sample_files(images, limit)
-    model = load_classifier(artifact, prefer_gpu=False)
-    predictions = predict_encoded(model, [f.data for f in found])
-    k = min(REFERENCE_TOP_K, len(model.classes))
-    scores, indices = top_k_of_rows(predictions.ok, predictions.probs, k)
+    meta = read_meta(artifact)
+    classes = list(meta["classes"])
+    todo = [f for f in found if f.uri not in known]
+    predictions = None
+    if todo:
+        model = load_classifier(artifact, prefer_gpu=False)
+        predictions = predict_encoded(model, [f.data for f in todo])
+    ok, probs, errors = _merge(found, known, todo, predictions, len(classes))
+    k = min(REFERENCE_TOP_K, len(classes))
+    scores, indices = top_k_of_rows(ok, probs, k)
     rows = label_table(
         [f.uri for f in found],
-        predictions.ok,
+        ok,
         scores,
         indices,
-        predictions.errors,
-        np.array(model.classes, dtype=object),
-        model.model_id,
+        errors,
+        np.array(classes, dtype=object),
+        file_sha256(meta, meta["format"])[:12],
     )
     return write_reference(artifact, rows, f"{len(found)} images from {storage.normalize(images)}")
+
+
+def _merge(found, known, todo, predictions, classes: int):
+    """(ok, probabilities of the ok rows, error reasons) of ``found``, in its order, from the
+    ``known`` rows and the ``predictions`` of the ``todo`` ones."""
+    predicted: dict[str, tuple[np.ndarray | None, str]] = {}
+    if predictions is not None:
+        probs = iter(predictions.probs if predictions.probs is not None else [])
+        for f, ok, error in zip(todo, predictions.ok, predictions.errors):
+            predicted[f.uri] = (next(probs) if ok else None, error)
+    rows = [(known[f.uri], "") if f.uri in known else predicted[f.uri] for f in found]
+    ok = np.array([p is not None for p, _ in rows], dtype=bool)
+    kept = [p for p, _ in rows if p is not None]
+    probs = np.stack(kept).astype(np.float32) if kept else np.zeros((0, classes), np.float32)
+    return ok, probs, [error for _, error in rows]
 
 
 def write_reference(artifact: str, rows: pa.Table, source: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ class Sample:
     images: torch.Tensor  # normalized float NCHW
     labels: torch.Tensor | None  # indices into the model's classes, when the source has them
     source: str
+    uris: list[str] | None = None  # each image as a label row names it, when read from files
 
 
 def check_sample_uri(uri: str) -> None:
@@ -44,15 +46,11 @@ def load_sample(
     if uri is None:
         return _packaged(spec)
     files = sample_files(uri, limit)
-    encoded, names = [f.data for f in files], [f.class_name for f in files]
-    images, kept = [], []
-    for i, data in enumerate(encoded):
-        try:
-            image = decode_image(data, min_size=spec.resize)
-        except DecodeError:
-            continue
-        images.append(eval_transform(spec)(image))
-        kept.append(i)
+    names = [f.class_name for f in files]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL
+        decoded = list(pool.map(lambda f: _eval_pixels(f.data, spec), files))
+    kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
+    images = [decoded[i] for i in kept]
     if not images:
         raise UsageError(f"--sample {uri}: no decodable images")
     labels = None
@@ -60,7 +58,15 @@ def load_sample(
     if all(names[i] in index for i in kept):  # shard labels, or class/*.jpg folder names
         labels = torch.tensor([index[names[i]] for i in kept])
     source = f"{len(images)} images from {storage.normalize(uri)}"
-    return Sample(spec.normalize(torch.stack(images)), labels, source)
+    uris = [files[i].uri for i in kept]
+    return Sample(spec.normalize(torch.stack(images)), labels, source, uris)
+
+
+def _eval_pixels(data: bytes, spec: Preprocess) -> torch.Tensor | None:
+    try:
+        return eval_transform(spec)(decode_image(data, min_size=spec.resize))
+    except DecodeError:
+        return None
 
 
 @dataclass
