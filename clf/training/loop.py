@@ -269,13 +269,19 @@ def train_one_epoch(w: Worker, phase: Phase, epoch: int) -> torch.Tensor:
     return totals
 
 
+def model_input(w: Worker, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> the normalized batch, in the model's memory format."""
+    images = w.spec.normalize(pixels)
+    if w.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def train_step(w: Worker, phase: Phase, batch: dict[str, torch.Tensor], step_now: bool):
     """Forward and backward of one micro-batch, and an optimizer step when ``step_now``;
     returns the batch's (loss sum, correct, count)."""
     cfg = w.cfg
-    images, labels = w.spec.normalize(batch["image"]), batch["label"]
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, labels = model_input(w, batch["image"]), batch["label"]
     targets = labels
     if w.mixer is not None:
         images, targets = w.mixer(images, labels)
@@ -311,7 +317,7 @@ def validate(w: Worker) -> tuple[float, float]:
         batch_size=w.cfg.data.batch_size * 2, collate_fn=w.val_collate, prefetch_batches=2
     ):
         with w.autocast():
-            logits = model(w.spec.normalize(batch["image"])).float()
+            logits = model(model_input(w, batch["image"])).float()
         totals += tally(criterion(logits, batch["label"]), logits, batch["label"])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
