@@ -6,7 +6,6 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,11 +101,9 @@ def train(
     if fitted is not None:
         fitted()
     epochs = history.read(run)
-    with ThreadPoolExecutor(1) as pool:  # the figure is drawn while the export runs
-        curves = pool.submit(history.plot_curves, run)
-        folder, best = checkpoint.best_in_run(run)
-        model_uri = export_run(run, folder)
-        curves.result()
+    history.plot_curves(run)
+    folder, best = checkpoint.best_in_run(run)
+    model_uri = export_run(run, folder)
     finished = time.monotonic()
     this_call = epochs[earlier:]
     return TrainSummary(
