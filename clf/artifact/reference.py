@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 from clf import storage
 from clf.artifact.classifier import load_classifier, top_k_of_rows
 from clf.artifact.meta import file_sha256, read_meta
-from clf.artifact.sample import sample_files
+from clf.artifact.sample import SampleFile, sample_files
 from clf.dataset.label_rows import label_table
+from clf.inference.actor import Predictions
 from clf.inference.in_process import predict_encoded
 
 REFERENCE_FILE = "reference.parquet"
@@ -59,7 +60,13 @@ def record_reference(
     return write_reference(artifact, rows, f"{len(found)} images from {storage.normalize(images)}")
 
 
-def _merge(found, known, todo, predictions, classes: int):
+def _merge(
+    found: list[SampleFile],
+    known: Mapping[str, np.ndarray],
+    todo: list[SampleFile],
+    predictions: Predictions | None,
+    classes: int,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(ok, probabilities of the ok rows, error reasons) of ``found``, in its order, from the
     ``known`` rows and the ``predictions`` of the ``todo`` ones."""
     predicted: dict[str, tuple[np.ndarray | None, str]] = {}
