@@ -34,6 +34,16 @@ def run_job(*args: str, env: dict[str, str] | None = None, timeout: int = 900):
     )
 
 
+def upload(folder: str, prefix: str) -> None:
+    """Every file under ``folder`` to the same relative keys under ``prefix``."""
+    from clf import storage
+
+    for path in storage.list_files(folder):
+        storage.write_bytes(
+            storage.join(prefix, storage.relative(path, folder)), open(path, "rb").read()
+        )
+
+
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
     """``python -m jobs.NAME ARGS`` inside this interpreter: the code path of ``run_job`` without
     a new interpreter's imports (seconds each on two cores). Only for runs that must end before

@@ -18,7 +18,7 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import HYMENOPTERA, IMAGENET_SAMPLES, job_json, run_in_process, run_job
+from conftest import HYMENOPTERA, IMAGENET_SAMPLES, job_json, run_in_process, run_job, upload
 from PIL import Image
 
 from clf import storage
@@ -47,13 +47,6 @@ def image_folder(root) -> str:
     (root / "notes.jpg").write_text("this is a text file, not a photo\n")
     (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
     return str(root)
-
-
-def upload(folder: str, prefix: str) -> None:
-    for path in storage.list_files(folder):
-        storage.write_bytes(
-            storage.join(prefix, storage.relative(path, folder)), open(path, "rb").read()
-        )
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import CIFAR, HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job
+from conftest import CIFAR, HYMENOPTERA, IMAGENET_SAMPLES, ROOT, job_json, run_job, upload
 from faultproxy import FaultProxy
 
 from clf import storage
@@ -264,8 +264,7 @@ def test_a_model_file_is_read_from_the_bucket_once_per_machine(
     monkeypatch.setenv("CLF_CACHE_DIR", str(tmp_path / "node-cache"))
     local = export_small_cnn(tmp_path / "art")
     art = f"{bucket}/models/small"
-    for name in os.listdir(local):
-        storage.write_bytes(f"{art}/{name}", Path(local, name).read_bytes())
+    upload(local, art)
     model_gets = []
     proxy = proxy_for(s3_endpoint, monkeypatch)
     proxy.before_forward = lambda method, path: (

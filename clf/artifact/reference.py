@@ -15,9 +15,8 @@ import pyarrow.parquet as pq
 from clf import storage
 from clf.artifact.classifier import load_classifier, top_k_of_rows
 from clf.artifact.meta import file_sha256, read_meta
-from clf.artifact.sample import SampleFile, sample_files
+from clf.artifact.sample import sample_files
 from clf.dataset.label_rows import label_table
-from clf.inference.actor import Predictions
 from clf.inference.in_process import predict_encoded
 
 REFERENCE_FILE = "reference.parquet"
@@ -36,49 +35,32 @@ def record_reference(
     ``artifact``, as ``jobs.label`` would, and record them as its reference. ``known``: the
     artifact's probabilities of images it has already run on, by label-row uri (the export's
     parity check), which are not run again."""
-    known = known or {}
     found = sample_files(images, limit)
     meta = read_meta(artifact)
     classes = list(meta["classes"])
-    todo = [f for f in found if f.uri not in known]
-    predictions = None
+    probs: dict[str, np.ndarray] = dict(known or {})
+    errors: dict[str, str] = {}
+    todo = [f for f in found if f.uri not in probs]
     if todo:
-        model = load_classifier(artifact, prefer_gpu=False)
-        predictions = predict_encoded(model, [f.data for f in todo])
-    ok, probs, errors = _merge(found, known, todo, predictions, len(classes))
-    k = min(REFERENCE_TOP_K, len(classes))
-    scores, indices = top_k_of_rows(ok, probs, k)
+        predicted = predict_encoded(
+            load_classifier(artifact, prefer_gpu=False), [f.data for f in todo]
+        )
+        decoded = [f.uri for f, ok in zip(todo, predicted.ok) if ok]
+        probs.update(zip(decoded, predicted.probs if predicted.probs is not None else []))
+        errors.update((f.uri, error) for f, error in zip(todo, predicted.errors))
+    ok = np.array([f.uri in probs for f in found], dtype=bool)
+    ok_probs = np.stack([probs[f.uri] for f in found if f.uri in probs]) if ok.any() else None
+    scores, indices = top_k_of_rows(ok, ok_probs, min(REFERENCE_TOP_K, len(classes)))
     rows = label_table(
         [f.uri for f in found],
         ok,
         scores,
         indices,
-        errors,
+        [errors.get(f.uri, "") for f in found],
         np.array(classes, dtype=object),
         file_sha256(meta, meta["format"])[:12],
     )
     return write_reference(artifact, rows, f"{len(found)} images from {storage.normalize(images)}")
-
-
-def _merge(
-    found: list[SampleFile],
-    known: Mapping[str, np.ndarray],
-    todo: list[SampleFile],
-    predictions: Predictions | None,
-    classes: int,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(ok, probabilities of the ok rows, error reasons) of ``found``, in its order, from the
-    ``known`` rows and the ``predictions`` of the ``todo`` ones."""
-    predicted: dict[str, tuple[np.ndarray | None, str]] = {}
-    if predictions is not None:
-        probs = iter(predictions.probs if predictions.probs is not None else [])
-        for f, ok, error in zip(todo, predictions.ok, predictions.errors):
-            predicted[f.uri] = (next(probs) if ok else None, error)
-    rows = [(known[f.uri], "") if f.uri in known else predicted[f.uri] for f in found]
-    ok = np.array([p is not None for p, _ in rows], dtype=bool)
-    kept = [p for p, _ in rows if p is not None]
-    probs = np.stack(kept).astype(np.float32) if kept else np.zeros((0, classes), np.float32)
-    return ok, probs, [error for _, error in rows]
 
 
 def write_reference(artifact: str, rows: pa.Table, source: str) -> dict[str, Any]:
