@@ -65,6 +65,8 @@ OBJECT_STORE_ENV = (
     "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES",
 )
 
+_embedded = False  # whether init_ray started the Ray of this process
+
 # mallopt(3) parameters: the same settings for a process that is already running.
 _MALLOPT_PARAMS = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
 
@@ -97,22 +99,14 @@ def forwarded_env() -> dict[str, str]:
     return {**allocator, **own, **warnings}
 
 
-def init_ray(
-    num_cpus: int | None = None,
-    quiet: bool = True,
-    dashboard: bool = False,
-    streaming: bool = False,
-) -> None:
-    """Join the running Ray cluster, else start an embedded one for this machine.
-
-    ``dashboard``: the embedded Ray also serves the State API. Ray Train needs it: its
-    placement-group cleaner asks every second whether the train controller still lives, and
-    without the API it logs a warning each time and could not clean up after a dead controller.
-    Other jobs skip it, and with it a second of start-up and a dozen processes.
+def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = False) -> None:
+    """Join the running Ray cluster, else start an embedded one for this machine, without the
+    dashboard: no job serves it, and it cost a second of start-up and a dozen processes.
 
     ``streaming``: the job streams, so an embedded Ray gets ``streaming_object_store_bytes`` of
     object store. A cluster's store is the cluster's to size.
     """
+    global _embedded
     import ray
 
     if ray.is_initialized():
@@ -128,10 +122,11 @@ def init_ray(
         if address is None:
             raise ConnectionError("no Ray cluster to join")
         ray.init(address=address, **common)
+        _embedded = False
     except ConnectionError:
         # None running: an embedded Ray for this machine only, which no other node joins. Ray
         # advertises the machine's address even when told 127.0.0.1, and its ports bind every
-        # interface; token auth guards them. A dashboard serves loopback only.
+        # interface; token auth guards them.
         # Private: no public API counts CPUs as Ray will (cgroup quotas included).
         cpus = num_cpus or int(ray._private.utils.get_num_cpus())
         os.environ.setdefault("RAY_num_workers_soft_limit", str(cpus + SPARE_WORKERS))
@@ -143,12 +138,19 @@ def init_ray(
             object_store_memory=streaming_object_store_bytes(cpus)
             if streaming and not sized_by_user
             else None,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
+            include_dashboard=False,
             **common,
         )
+        _embedded = True
     if quiet:
         quiet_ray_logs()
+
+
+def ray_is_embedded() -> bool:
+    """Whether this process started the Ray it is connected to, which ends when it does."""
+    import ray
+
+    return _embedded and ray.is_initialized()
 
 
 def shut_down_ray_in_background() -> threading.Thread:

@@ -172,7 +172,7 @@ def main() -> None:
         return
     from clf.training.trainer import train
 
-    runtime.init_ray(dashboard=True)
+    runtime.init_ray()
     summary = train(
         cfg,
         classes,

@@ -338,8 +338,26 @@ def embedded_ray_resources(init_args: str, env: dict[str, str] | None = None) ->
 
 
 def test_ray_address_local_starts_the_jobs_own_embedded_ray():
-    """The same Ray as with no cluster running: sized as the job asks, dashboard on loopback."""
+    """The same Ray as with no cluster running: sized as the job asks."""
     assert embedded_ray_resources("num_cpus=1")["CPU"] == 1.0
+
+
+def test_an_embedded_ray_is_known_as_the_jobs_own_and_serves_no_dashboard():
+    code = (
+        "import ray; from clf import runtime; runtime.init_ray(num_cpus=1)\n"
+        "print(runtime.ray_is_embedded(), repr(ray.init(ignore_reinit_error=True).dashboard_url))\n"
+        "ray.shutdown(); print(runtime.ray_is_embedded())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-2:] == ["True ''", "False"]
 
 
 def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the_user_sized_it():

@@ -146,8 +146,9 @@ def test_the_training_summary_says_where_its_time_went(hymenoptera_run):
 
 
 def test_training_logs_carry_no_ray_train_noise(hymenoptera_run):
-    """Ray Train's placement-group cleaner needs the State API, or it warns each second; and its
-    INFO lines would restate each report and checkpoint that the progress lines already show."""
+    """Ray Train's placement-group cleaner would ask the State API of an embedded Ray, which
+    serves none, and warn each second; and Ray Train's INFO lines would restate each report and
+    checkpoint that the progress lines already show."""
     logs = hymenoptera_run["train_stderr"]
     assert "State API may be temporarily unavailable" not in logs
     assert "Reporting training result" not in logs and "Checkpoint successfully created" not in logs

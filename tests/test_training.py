@@ -226,6 +226,25 @@ def test_train_with_the_hog_svm_baseline_fits_without_ray(hymenoptera_shards, tm
     assert "ray" not in done.stderr.lower()
 
 
+def test_training_on_an_embedded_ray_leaves_out_only_the_placement_group_cleaner():
+    """The cleaner frees a dead controller's placement group on a lasting cluster, asking the
+    dashboard; an embedded Ray has no dashboard and ends with the job, group and all."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from clf.training.embedded_trainer import EmbeddedTorchTrainer
+
+    def callbacks(cls) -> list[str]:
+        trainer = cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    lasting = callbacks(TorchTrainer)
+    assert "PlacementGroupCleanerCallback" in lasting
+    assert callbacks(EmbeddedTorchTrainer) == [
+        name for name in lasting if name != "PlacementGroupCleanerCallback"
+    ]
+
+
 def test_a_small_split_is_cut_into_blocks_shuffled_by_seed_then_split_by_rank():
     import pyarrow as pa
 

@@ -137,6 +137,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from clf.training.embedded_trainer import EmbeddedTorchTrainer
     from clf.training.loader import worker_datasets
     from clf.training.loop import train_loop_per_worker
 
@@ -152,7 +153,8 @@ def build_trainer(
         f"[train] {cfg.model.name} on {n_train} images, {len(classes)} classes, {cfg.workers} workers "
         f"({'GPU' if gpu else 'CPU'}), {cfg.epochs} epochs, strategy {cfg.model.strategy}"
     )
-    return TorchTrainer(
+    trainer_cls = EmbeddedTorchTrainer if runtime.ray_is_embedded() else TorchTrainer
+    return trainer_cls(
         train_loop_per_worker,
         train_loop_config={
             "train": to_dict(cfg),
