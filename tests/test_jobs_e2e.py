@@ -134,6 +134,9 @@ def test_finetuning_reaches_90_percent_and_records_every_epoch(hymenoptera_run):
         assert os.path.exists(os.path.join(run, name)), name
     meta = json.load(open(os.path.join(run, "model", "meta.json")))
     assert meta["classes"] == ["ants", "bees"] and meta["source_run"] == run
+    # Checked on the val split, read while Ray Train started; its labels are the reference.
+    val = os.path.join(hymenoptera_run["data"], "val")
+    assert meta["parity"]["sample"] == meta["reference"]["source"] == f"153 images from {val}"
     assert hymenoptera_run["temp_left"] == set()  # local checkpoint copies go once uploaded
 
 

@@ -151,6 +151,6 @@ def from_pretrained(
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
         sample_uris=images.uris,
-        reference=sample,  # None for the packaged photos, which are nobody's data
+        reference=images.location,  # None for the packaged photos, which are nobody's data
     )
     return meta

@@ -28,6 +28,7 @@ class Sample:
     labels: torch.Tensor | None  # indices into the model's classes, when the source has them
     source: str
     uris: list[str] | None = None  # each image as a label row names it, when read from files
+    location: str | None = None  # the folder, shards or file they were read from
 
 
 def check_sample_uri(uri: str) -> None:
@@ -59,7 +60,7 @@ def load_sample(
         labels = torch.tensor([index[names[i]] for i in kept])
     source = f"{len(images)} images from {storage.normalize(uri)}"
     uris = [files[i].uri for i in kept]
-    return Sample(spec.normalize(torch.stack(images)), labels, source, uris)
+    return Sample(spec.normalize(torch.stack(images)), labels, source, uris, uri)
 
 
 def _eval_pixels(data: bytes, spec: Preprocess) -> torch.Tensor | None:

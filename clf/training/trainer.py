@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from clf import runtime, storage
 from clf.artifact.export import export_artifact
+from clf.artifact.sample import Sample, load_sample
 from clf.config import TrainConfig, to_dict
 from clf.errors import UsageError
 from clf.images.preprocess import Preprocess
@@ -95,15 +98,20 @@ def train(
     )
     earlier = len(history.read(run))
     trainer = build_trainer(cfg, run, spec, classes, manifest, progress)
-    fit_started = time.monotonic()
-    trainer.fit()
-    fit_ended = time.monotonic()
+    # The export's images and the curves' plotting code need no training: they are made ready
+    # while Ray Train starts its workers, when a core sits idle (benchmarks/RESULTS.md).
+    with ThreadPoolExecutor(1, thread_name_prefix="export-inputs") as pool:
+        images = pool.submit(run_sample, run)
+        pool.submit(importlib.import_module, "clf.plots")
+        fit_started = time.monotonic()
+        trainer.fit()
+        fit_ended = time.monotonic()
     if fitted is not None:
         fitted()
     epochs = history.read(run)
     history.plot_curves(run)
     folder, best = checkpoint.best_in_run(run)
-    model_uri = export_run(run, folder)
+    model_uri = export_run(run, folder, images=images.result())
     finished = time.monotonic()
     this_call = epochs[earlier:]
     return TrainSummary(
@@ -193,6 +201,25 @@ def build_trainer(
     )
 
 
+def run_config(run: str) -> dict[str, Any]:
+    """The resolved config a run wrote, with its classes and preprocessing."""
+    config_uri = storage.join(run, "config.json")
+    if not storage.exists(config_uri):
+        raise UsageError(f"--run {run}: not a training run (no config.json)")
+    return storage.read_json(config_uri)
+
+
+def run_sample(run: str, sample: str | None = None) -> Sample:
+    """The images a run's export is checked on: ``sample``, by default the first 256 images of
+    the run's val split, or the packaged photos if that split has moved away."""
+    resolved = run_config(run)
+    if sample is None:
+        val = storage.join(resolved["data"]["path"], "val")
+        sample = val if storage.is_dir(val) else None  # data moved away: packaged photos
+    spec = Preprocess.from_meta(resolved["preprocess"])
+    return load_sample(sample, spec, resolved["classes"])
+
+
 def export_run(
     run: str,
     folder: str | None = None,
@@ -200,18 +227,14 @@ def export_run(
     formats: tuple[str, ...] = ("torchscript",),
     sample: str | None = None,
     min_int8_agreement: float | None = None,
+    images: Sample | None = None,
 ) -> str:
     """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``).
 
-    Parity is checked on ``sample``, by default the first 256 images of the run's val split,
-    and the model's labels of up to 2,000 of them are its reference for ``jobs.monitor``.
+    Parity is checked on ``images``, by default ``run_sample(run, sample)``, and the model's
+    labels of up to 2,000 images of their source are its reference for ``jobs.monitor``.
     """
-    from clf.artifact.sample import load_sample
-
-    config_uri = storage.join(run, "config.json")
-    if not storage.exists(config_uri):
-        raise UsageError(f"--run {run}: not a training run (no config.json)")
-    resolved = storage.read_json(config_uri)
+    resolved = run_config(run)
     if folder is None:
         try:
             folder, _ = checkpoint.best_in_run(run)
@@ -228,10 +251,8 @@ def export_run(
     epoch_metrics = {r["epoch"]: r for r in history.read(run)}.get(state["epoch"], {})
     output = output or storage.join(run, "model")
     spec = Preprocess.from_meta(resolved["preprocess"])
-    if sample is None:
-        val = storage.join(resolved["data"]["path"], "val")
-        sample = val if storage.is_dir(val) else None  # data moved away: packaged photos
-    images = load_sample(sample, spec, classes)
+    if images is None:
+        images = run_sample(run, sample)
     export_artifact(
         model,
         output,
@@ -248,6 +269,6 @@ def export_run(
         sample_source=images.source,
         min_int8_agreement=min_int8_agreement,
         sample_uris=images.uris,
-        reference=sample,  # None for the packaged photos, which are nobody's data
+        reference=images.location,  # None for the packaged photos, which are nobody's data
     )
     return output
