@@ -8,12 +8,15 @@ travel to every worker through ``runtime_env``, so workers see the same endpoint
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import platform
 import sys
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from clf.errors import UsageError
 
@@ -144,6 +147,16 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = 
         _embedded = True
     if quiet:
         quiet_ray_logs()
+
+
+def init_ray_importing(*modules: str, **init_args: Any) -> None:
+    """``init_ray``, with ``modules`` imported in a thread meanwhile: Ray's start mostly waits on
+    the processes it spawns, and a core would sit idle (benchmarks/RESULTS.md)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="imports") as pool:
+        imported = [pool.submit(importlib.import_module, name) for name in modules]
+        init_ray(**init_args)
+    for module in imported:
+        module.result()  # an import that failed raises here, as it would have unthreaded
 
 
 def ray_is_embedded() -> bool:

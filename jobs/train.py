@@ -170,9 +170,9 @@ def main() -> None:
         )
         cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
         return
+    runtime.init_ray_importing("clf.training.trainer")
     from clf.training.trainer import train
 
-    runtime.init_ray()
     summary = train(
         cfg,
         classes,

@@ -342,6 +342,25 @@ def test_ray_address_local_starts_the_jobs_own_embedded_ray():
     assert embedded_ray_resources("num_cpus=1")["CPU"] == 1.0
 
 
+def test_ray_starts_while_a_thread_imports_the_jobs_modules_and_a_failed_import_still_raises():
+    code = (
+        "import sys, ray; from clf import runtime\n"
+        "try: runtime.init_ray_importing('colorsys', 'no_such_module', num_cpus=1)\n"
+        "except ModuleNotFoundError as e: print(e.name, 'colorsys' in sys.modules, ray.is_initialized())\n"
+        "ray.shutdown()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "RAY_ADDRESS": "local"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "no_such_module True True"
+
+
 def test_an_embedded_ray_is_known_as_the_jobs_own_and_serves_no_dashboard():
     code = (
         "import ray; from clf import runtime; runtime.init_ray(num_cpus=1)\n"
