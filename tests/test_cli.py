@@ -320,21 +320,28 @@ def test_labelling_into_another_jobs_output_is_refused_before_ray_starts(tmp_pat
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def embedded_ray_resources(init_args: str, env: dict[str, str] | None = None) -> dict:
-    code = (
-        "import json, ray; from clf import runtime; "
-        f"runtime.init_ray({init_args}); print(json.dumps(ray.cluster_resources())); ray.shutdown()"
-    )
+def last_line_printed(code: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """What ``python -c CODE ARGS`` printed last, run where no Ray cluster is to be joined."""
     done = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         cwd=ROOT,
-        env={**os.environ, "RAY_ADDRESS": "local", **(env or {})},
+        env=env or {**os.environ, "RAY_ADDRESS": "local"},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def embedded_ray_resources(init_args: str, env: dict[str, str] | None = None) -> dict:
+    code = (
+        "import json, ray; from clf import runtime; "
+        f"runtime.init_ray({init_args}); print(json.dumps(ray.cluster_resources())); ray.shutdown()"
+    )
+    return json.loads(
+        last_line_printed(code, env={**os.environ, "RAY_ADDRESS": "local", **(env or {})})
+    )
 
 
 def test_ray_address_local_starts_the_jobs_own_embedded_ray():
@@ -349,34 +356,16 @@ def test_ray_starts_while_a_thread_imports_the_jobs_modules_and_a_failed_import_
         "except ModuleNotFoundError as e: print(e.name, 'colorsys' in sys.modules, ray.is_initialized())\n"
         "ray.shutdown()"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "RAY_ADDRESS": "local"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "no_such_module True True"
+    assert last_line_printed(code) == "no_such_module True True"
 
 
 def test_an_embedded_ray_is_known_as_the_jobs_own_and_serves_no_dashboard():
     code = (
         "import ray; from clf import runtime; runtime.init_ray(num_cpus=1)\n"
-        "print(runtime.ray_is_embedded(), repr(ray.init(ignore_reinit_error=True).dashboard_url))\n"
-        "ray.shutdown(); print(runtime.ray_is_embedded())"
+        "own, url = runtime.ray_is_embedded(), ray.init(ignore_reinit_error=True).dashboard_url\n"
+        "ray.shutdown(); print(own, repr(url), runtime.ray_is_embedded())"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "RAY_ADDRESS": "local"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-2:] == ["True ''", "False"]
+    assert last_line_printed(code) == "True '' False"
 
 
 def test_an_embedded_ray_for_a_streaming_job_has_a_small_object_store_unless_the_user_sized_it():
@@ -419,17 +408,8 @@ def test_an_embedded_ray_keeps_the_workers_of_tasks_that_ask_for_no_cpu(tmp_path
         "again = set(ray.get([pid_once_three_run.remote(2) for _ in range(3)]))\n"
         "print(len(first), len(first & again)); ray.shutdown()"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "RAY_num_workers_soft_limit"}
-        | {"RAY_ADDRESS": "local"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "3 3"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_num_workers_soft_limit"}
+    assert last_line_printed(code, str(tmp_path), env=env | {"RAY_ADDRESS": "local"}) == "3 3"
 
 
 def test_an_embedded_ray_starts_no_worker_process_that_its_tasks_could_not_use():
@@ -446,16 +426,7 @@ def test_an_embedded_ray_starts_no_worker_process_that_its_tasks_could_not_use()
         "        if name.startswith('worker-') and name.endswith('.out')}\n"
         "print(sorted(jobs)); ray.shutdown()"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**os.environ, "RAY_ADDRESS": "local"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "['01000000']"
+    assert last_line_printed(code) == "['01000000']"
 
 
 EXIT_PROBE = """
