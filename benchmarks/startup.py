@@ -10,6 +10,9 @@ an ONNX artifact (the CPU format):
   jobs.evaluate  6 and 1,000 ImageNet samples as shards, both ways
   jobs.train     1 epoch of hymenoptera, against Ray's documented TorchTrainer pattern for the
                  same epoch (benchmarks.train_throughput's ray-dl)
+  actor start    the label pipeline's predictor actors (one per GPU, else one per 4 CPUs) from
+                 Ray's asking to all of them ready: a bare actor's, then the predictor's, which
+                 imports its runtime and loads the artifact (TorchScript on a GPU, else ONNX)
 
 A job's parts: its summary's listing and work seconds; the rest of its wall time is imports,
 Ray's start and stop and the model's load. Training's fixed cost is its wall time outside the
@@ -18,7 +21,7 @@ epoch: outside its training seconds alone, and outside the epoch as metrics.json
 split its wall time into parts. The cheap runs repeat (--repeats) and report their median; the
 training pair repeats as often, and each pair's ratio is taken within the pair.
 
-    python -m benchmarks.startup [--repeats 3] [--no-train | --train-only]
+    python -m benchmarks.startup [--repeats 3] [--no-train | --train-only | --actors-only]
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import time
 
 from benchmarks._jobs import ROOT, SHARED, mobilenet_weights, scratch_dir
 from benchmarks.label_throughput import corpus
+from clf.config import DEFAULT_MAX_PIXELS
+from clf.label.predictor import Predictor
 
 SAMPLES = SHARED / "imagenet-samples"
 
@@ -85,6 +90,57 @@ def sample_shards(work: str, classes: list[str], count: int) -> str:
     dst = os.path.join(work, f"data-{count}")
     ingest(IngestConfig(src=src, dst=dst, val_fraction=0, test_fraction=0.9))
     return os.path.join(dst, "test")
+
+
+class BareActor:
+    def ready(self) -> bool:
+        return True
+
+
+class ReadyPredictor(Predictor):
+    """The label pipeline's predictor, with a call that says it has started."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def print_actor_start(work: str, repeats: int) -> None:
+    """Seconds from asking Ray for the label pipeline's predictor actors to all of them ready."""
+    import ray
+
+    from clf import runtime
+    from clf.inference.stage import CPUS_PER_CPU_ACTOR, model_threads
+
+    runtime.init_ray(streaming=True)
+    gpus = runtime.gpu_actor_slots(1.0) if runtime.cluster_gpus() else 0
+    count = gpus or max(1, int(ray.cluster_resources()["CPU"]) // CPUS_PER_CPU_ACTOR)
+    art = os.path.join(work, "actor-art")
+    run("jobs.export", "--model", "mobilenet_v2", "--pretrained", mobilenet_weights(),
+        "--classes", "imagenet", "--format", "torchscript" if gpus else "onnx",
+        "--output", art)  # fmt: skip
+
+    def ready_after(cls, *args) -> float:
+        started = time.perf_counter()
+        actors = [
+            ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(cls).remote(*args)
+            for _ in range(count)
+        ]
+        ray.get([actor.ready.remote() for actor in actors])
+        seconds = time.perf_counter() - started
+        for actor in actors:
+            ray.kill(actor)
+        return seconds
+
+    where = f"{count} on GPUs" if gpus else f"{count} on CPU"
+    for attempt in range(repeats):
+        bare = ready_after(BareActor)
+        predictor = ready_after(ReadyPredictor, art, 5, bool(gpus), DEFAULT_MAX_PIXELS,
+                                model_threads(count, bool(gpus)))  # fmt: skip
+        print(
+            f"predictor actors ({where}), try {attempt + 1}: a bare actor ready after {bare:.1f}s, "
+            f"the predictor (imports, the artifact's load) after {predictor:.1f}s"
+        )
+    ray.shutdown()
 
 
 def train_pair(work: str, shards: str, attempt: int) -> dict[str, float]:
@@ -146,10 +202,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-train", action="store_true", help="skip the two training runs")
     p.add_argument("--train-only", action="store_true", help="only the two training runs")
+    p.add_argument("--actors-only", action="store_true", help="only the predictor actors' start")
     args = p.parse_args()
     work = scratch_dir("clf-startup-")
     if args.train_only:
         return print_train(work, args.repeats)
+    if args.actors_only:
+        return print_actor_start(work, args.repeats)
     art = os.path.join(work, "art")
     run("jobs.export", "--model", "mobilenet_v2", "--pretrained", mobilenet_weights(),
         "--classes", "imagenet", "--format", "onnx", "--output", art)  # fmt: skip
@@ -202,6 +261,7 @@ def main() -> None:
             print(
                 f"jobs.{job} on {images}: the Ray path takes {ratio:.2f}x the default's wall time"
             )
+    print_actor_start(work, args.repeats)
     if not args.no_train:
         print_train(work, args.repeats)
 
