@@ -68,7 +68,7 @@ OBJECT_STORE_ENV = (
     "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES",
 )
 
-_embedded = False  # whether init_ray started the Ray of this process
+_embedded_gcs: str | None = None  # the address of the Ray that init_ray started here, if any
 
 # mallopt(3) parameters: the same settings for a process that is already running.
 _MALLOPT_PARAMS = {"MALLOC_ARENA_MAX": -8, "MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
@@ -109,7 +109,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = 
     ``streaming``: the job streams, so an embedded Ray gets ``streaming_object_store_bytes`` of
     object store. A cluster's store is the cluster's to size.
     """
-    global _embedded
+    global _embedded_gcs
     import ray
 
     if ray.is_initialized():
@@ -125,7 +125,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = 
         if address is None:
             raise ConnectionError("no Ray cluster to join")
         ray.init(address=address, **common)
-        _embedded = False
+        _embedded_gcs = None
     except ConnectionError:
         # None running: an embedded Ray for this machine only, which no other node joins. Ray
         # advertises the machine's address even when told 127.0.0.1, and its ports bind every
@@ -144,7 +144,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = 
             include_dashboard=False,
             **common,
         )
-        _embedded = True
+        _embedded_gcs = ray.get_runtime_context().gcs_address
     if quiet:
         quiet_ray_logs()
 
@@ -163,7 +163,7 @@ def ray_is_embedded() -> bool:
     """Whether this process started the Ray it is connected to, which ends when it does."""
     import ray
 
-    return _embedded and ray.is_initialized()
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address == _embedded_gcs
 
 
 def shut_down_ray_in_background() -> threading.Thread:
