@@ -178,12 +178,17 @@ def exit_now(code: int) -> NoReturn:
     """End this process as Python would, minus the interpreter's own teardown.
 
     Everything that finishes work still runs, in Python's order: other threads are joined
-    (thread pools first told to stop), then the atexit hooks (Ray's shutdown, logging's flush,
+    (thread pools first told to stop), Ray is shut down, then the atexit hooks (logging's flush,
     temporary folders). What is skipped, freeing every module and object one by one, finishes
     nothing, and after torch and Ray took seconds (benchmarks/RESULTS.md). Only for a process
     that was started as the job, never for one that runs a job inside something else.
     """
     threading._shutdown()  # type: ignore[attr-defined]  # private: what Py_Finalize calls first
+    # Ray's own atexit hook first sleeps half a second for its workers' last log lines; the job
+    # has done and reported its work by now, so Ray stops without that wait.
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

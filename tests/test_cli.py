@@ -450,6 +450,16 @@ def test_a_job_ends_its_threads_and_atexit_hooks_and_flushes_before_skipping_tea
     assert done.stdout.splitlines() == ["main done", "thread done", "atexit hook"]
 
 
+def test_a_job_that_started_ray_has_it_shut_down_before_its_atexit_hooks():
+    """Ray's own hook would first wait half a second for its workers' last log lines."""
+    code = (
+        "import atexit, ray; from clf import cli, runtime; runtime.init_ray(num_cpus=1)\n"
+        "atexit.register(lambda: print('Ray up at exit:', ray.is_initialized(), flush=True))\n"
+        "cli.exit_now(0)"
+    )
+    assert last_line_printed(code) == "Ray up at exit: False"
+
+
 def test_min_int8_agreement_may_be_any_share_up_to_all():
     assert [cli.unit_interval(v) for v in ("0", "0.99", "1")] == [0.0, 0.99, 1.0]
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be in \[0, 1\], got 1.5"):
