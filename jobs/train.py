@@ -18,6 +18,7 @@ from clf.config import (
     to_dict,
 )
 from clf.errors import UsageError
+from clf.training import DRIVER_MODULES
 from clf.training.checks import check_train
 
 # flag -> config key: the flags that scripts rely on, plus a few common ones.
@@ -170,7 +171,7 @@ def main() -> None:
         )
         cli.emit({"preview": png}, [f"augmentation preview: {png}"], args.json)
         return
-    runtime.init_ray_importing("clf.training.trainer")
+    runtime.init_ray_importing(*DRIVER_MODULES)
     from clf.training.trainer import train
 
     summary = train(
