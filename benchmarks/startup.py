@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -193,7 +194,7 @@ def print_train(work: str, repeats: int) -> None:
         print(
             f"jobs.train outside its {outside} / the Ray docs pattern outside its epoch: "
             + ", ".join(f"{r:.2f}x" for r in ratios)
-            + f" (median {ratios[len(ratios) // 2]:.2f}x)"
+            + f" (median {statistics.median(ratios):.2f}x)"
         )
 
 

@@ -125,7 +125,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, streaming: bool = 
         if address is None:
             raise ConnectionError("no Ray cluster to join")
         ray.init(address=address, **common)
-        _embedded_gcs = None
     except ConnectionError:
         # None running: an embedded Ray for this machine only, which no other node joins. Ray
         # advertises the machine's address even when told 127.0.0.1, and its ports bind every

@@ -32,6 +32,11 @@ def file_sha256(meta: dict[str, Any], fmt: str) -> str:
     return meta.get("file_sha256", {}).get(fmt) or meta["sha256"]
 
 
+def model_id(meta: dict[str, Any], fmt: str) -> str:
+    """What label rows and answers name the model by: its file's sha256, first 12 hex digits."""
+    return file_sha256(meta, fmt)[:12]
+
+
 def read_model_file(
     uri: str, fmt: str | None = None, meta: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], str, bytes]:

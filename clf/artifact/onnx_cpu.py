@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from clf.artifact.meta import file_sha256, read_model_file
+from clf.artifact.meta import model_id, read_model_file
 from clf.images.preprocess import Preprocess
 
 
@@ -63,7 +63,7 @@ class OnnxCpuClassifier:
 
     @property
     def model_id(self) -> str:
-        return file_sha256(self.meta, self.format)[:12]
+        return model_id(self.meta, self.format)
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NCHW pixels -> float32 class probabilities, a few images per model call."""

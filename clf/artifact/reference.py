@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from clf import storage
 from clf.artifact.classifier import load_classifier, top_k_of_rows
-from clf.artifact.meta import file_sha256, read_meta
+from clf.artifact.meta import model_id, read_meta
 from clf.artifact.sample import sample_files
 from clf.dataset.label_rows import label_table
 from clf.inference.in_process import predict_encoded
@@ -58,7 +58,7 @@ def record_reference(
         indices,
         [errors.get(f.uri, "") for f in found],
         np.array(classes, dtype=object),
-        file_sha256(meta, meta["format"])[:12],
+        model_id(meta, meta["format"]),
     )
     return write_reference(artifact, rows, f"{len(found)} images from {storage.normalize(images)}")
 

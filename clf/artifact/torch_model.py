@@ -12,7 +12,7 @@ import torch
 
 from clf import storage
 from clf.artifact import formats as fmts
-from clf.artifact.meta import file_sha256, read_model_file
+from clf.artifact.meta import model_id, read_model_file
 from clf.images.preprocess import Preprocess
 
 
@@ -64,8 +64,7 @@ class TorchClassifier:
 
     @property
     def model_id(self) -> str:
-        """The loaded file's sha256, first 12 hex characters."""
-        return file_sha256(self.meta, self.format)[:12]
+        return model_id(self.meta, self.format)
 
 
 def load_torch(

@@ -20,7 +20,7 @@ import numpy as np
 from ray import serve
 
 from clf.artifact.classifier import Classifier, load_classifier, top_k
-from clf.artifact.meta import check_format_in, file_sha256, read_meta
+from clf.artifact.meta import check_format_in, file_sha256, model_id, read_meta
 from clf.config import ServeConfig
 from clf.images.decode import DecodeError, ImageTooLargeError
 from clf.images.preprocess import Preprocess, eval_pixels
@@ -39,7 +39,7 @@ class ClassifierReplica:
         self.format = check_format_in(self.meta, cfg.model, cfg.format)
         self.spec = Preprocess.from_meta(self.meta)
         self.classes: list[str] = list(self.meta["classes"])
-        self.model_id = file_sha256(self.meta, self.format)[:12]
+        self.model_id = model_id(self.meta, self.format)
         self.telemetry = Telemetry(serve.get_replica_context().replica_id.unique_id)
         self.model: Classifier | None = None
         self.load_error: str | None = None

@@ -92,16 +92,14 @@ def train(
     started = time.monotonic()
     run = storage.normalize(cfg.output)
     spec = resolve_preprocess(cfg)
-    storage.write_json(
-        storage.join(run, "config.json"),
-        {**to_dict(cfg), "classes": classes, "preprocess": spec.to_meta()},
-    )
+    resolved = {**to_dict(cfg), "classes": classes, "preprocess": spec.to_meta()}
+    storage.write_json(storage.join(run, "config.json"), resolved)
     earlier = len(history.read(run))
     trainer = build_trainer(cfg, run, spec, classes, manifest, progress)
     # The export's images and the curves' plotting code need no training: they are made ready
     # while Ray Train starts its workers, when a core sits idle (benchmarks/RESULTS.md).
     with ThreadPoolExecutor(1, thread_name_prefix="export-inputs") as pool:
-        images = pool.submit(run_sample, run)
+        images = pool.submit(run_sample, resolved)
         pool.submit(importlib.import_module, "clf.plots")
         fit_started = time.monotonic()
         trainer.fit()
@@ -209,10 +207,9 @@ def run_config(run: str) -> dict[str, Any]:
     return storage.read_json(config_uri)
 
 
-def run_sample(run: str, sample: str | None = None) -> Sample:
-    """The images a run's export is checked on: ``sample``, by default the first 256 images of
-    the run's val split, or the packaged photos if that split has moved away."""
-    resolved = run_config(run)
+def run_sample(resolved: dict[str, Any], sample: str | None = None) -> Sample:
+    """The images the export of a run (its ``run_config``) is checked on: ``sample``, by default
+    the first 256 images of its val split, or the packaged photos if that split has moved away."""
     if sample is None:
         val = storage.join(resolved["data"]["path"], "val")
         sample = val if storage.is_dir(val) else None  # data moved away: packaged photos
@@ -231,8 +228,8 @@ def export_run(
 ) -> str:
     """Export a run's best checkpoint (or ``folder``) as an artifact (default ``RUN/model``).
 
-    Parity is checked on ``images``, by default ``run_sample(run, sample)``, and the model's
-    labels of up to 2,000 images of their source are its reference for ``jobs.monitor``.
+    Parity is checked on ``images``, by default those of ``run_sample``, and the model's labels
+    of up to 2,000 images of their source are its reference for ``jobs.monitor``.
     """
     resolved = run_config(run)
     if folder is None:
@@ -252,7 +249,7 @@ def export_run(
     output = output or storage.join(run, "model")
     spec = Preprocess.from_meta(resolved["preprocess"])
     if images is None:
-        images = run_sample(run, sample)
+        images = run_sample(resolved, sample)
     export_artifact(
         model,
         output,
